@@ -38,11 +38,14 @@ FINISHED: Literal["finished"] = "finished"
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What a running strategy knows of its study: the space, its seed, the ensemble size."""
+    """What a running strategy knows of its study: the space, its seed, the ensemble size, and
+    the validation labels (strategies that select on the pool's validation predictions while
+    searching, as NES-RE does, need them; ``None`` where the runner has none to give)."""
 
     space: DartsSpace
     seed: int
     ensemble_size: int
+    val_labels: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class Strategy(ABC):
