@@ -26,7 +26,8 @@ lines 1-2; every later ask runs lines 4-6 on the population *as it stands at tha
 (only members whose results are in), and returns ``"wait"`` only while that population is
 still empty. A result joins the population when it arrives (line 7) and the oldest arrival
 leaves once the population exceeds P (line 8). A failed member never joins the population;
-the population then fills back up to P with later children. Line 9 is
+the population then fills back up to P with later children. Line 3's budget is the study's
+(the runner stops asking; ``max_members`` can end it sooner), and line 9 is
 :meth:`Strategy.select` over the pool, which the runner keeps.
 
 The mutation (line 6) is :meth:`DartsSpace.mutate`: one op, or one input edge, of one cell.
