@@ -136,6 +136,14 @@ def test_imagefolder_grayscale_and_32x32_rgb(tmp_path):
     assert c.shape == (3, 32, 32) and c.augment is True
 
 
+def test_cifar_name_accepts_an_imagefolder_tree(tmp_path):
+    # what `unpack.py DEST` of the offline JPEG copy writes: DEST/train/<class>/, DEST/test/<class>/
+    _write_tree(tmp_path / "jpeg", classes=("airplane", "automobile"), n_train=3, n_test=2, size=(32, 32))
+    b = load_data("cifar10", root=tmp_path / "jpeg", cache=False)
+    assert b.name == "cifar10" and b.shape == (3, 32, 32) and b.augment is True
+    assert b.classes == ("airplane", "automobile")
+
+
 def test_imagefolder_size_mismatch_names_file(tmp_path):
     _write_tree(tmp_path / "t", classes=("a", "b"), n_train=3, n_test=2)
     odd = tmp_path / "t" / "train" / "b" / "zz_odd.png"
