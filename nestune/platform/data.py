@@ -29,9 +29,10 @@ import logging
 import os
 import pickle
 import struct
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,6 @@ class DataBundle:
     source: str = ""
     cache_file: str | None = None
     cache_hit: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------- raw loading
@@ -181,7 +181,7 @@ def _cached(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written under a unique name then renamed: concurrent trials may load the same data.
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
         np.savez(
             tmp,
             x_train=raw.x_train,

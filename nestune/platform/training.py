@@ -206,8 +206,10 @@ def train_member(
 ) -> MemberResult:
     """Train ``genotype`` on ``data.train`` and predict ``data.val`` and ``data.test``.
 
-    Deterministic for a given seed on the CPU (model init, batch order, augmentation and
-    drop-path all derive from ``seed``); the caller's global RNG states are left as they were.
+    Deterministic for a given seed on the CPU with a given thread count (model init, batch
+    order, augmentation and drop-path all derive from ``seed``; a different
+    ``torch.get_num_threads()`` changes reduction order and so the last bits). The thread count
+    is the caller's to set; the caller's global RNG states are left as they were.
     Raises :class:`TrainingDiverged` when the loss turns non-finite.
     """
     genotype = _as_genotype(genotype)
