@@ -324,12 +324,13 @@ def plot_shared_edges(
     lam: str = "lambda",
     shared: str = "shared_edges",
     strategy: str = "edgenes",
+    grid: pd.DataFrame | None = None,
     title: str | None = None,
 ) -> Path:
     """EdgeNES: edges each sampled architecture shares with α* against the λ it was sampled at,
     with the ideal line (shared = λ, up to the ``max_edges`` = Λ edges of a genotype). Points
     are jittered horizontally by a hair so repeated λ stay visible; ``seed`` (if present) picks
-    the marker."""
+    the marker. ``grid`` (same columns) adds the genotypes derived along a λ grid as lines."""
     _require(df, [lam, shared], "df")
     if df.empty:
         raise ValueError("df: expected at least one sampled architecture, got none")
@@ -345,6 +346,14 @@ def plot_shared_edges(
         ax.scatter(x + jitter, sub[shared].to_numpy(dtype=float), color=c, alpha=0.7, s=26,
                    marker=_MARKERS[i % len(_MARKERS)], edgecolors="white", linewidths=0.5,
                    label=f"{strategy} samples" + ("" if seed is None else f" (seed {seed})"))
+    if grid is not None and not grid.empty:
+        _require(grid, [lam, shared], "grid")
+        gseeds = list(dict.fromkeys(grid["seed"])) if "seed" in grid.columns else [None]
+        for i, seed in enumerate(gseeds):
+            sub = grid if seed is None else grid[grid["seed"] == seed]
+            sub = sub.sort_values(lam)
+            ax.plot(sub[lam], sub[shared], color=c, lw=1.0, alpha=0.6, drawstyle="steps-mid",
+                    label="derived along the λ grid" if i == 0 else None)
     hi = max(float(max_edges), float(np.nanmax(df[lam].to_numpy(dtype=float))))
     xs = np.linspace(0, hi, 100)
     ax.plot(xs, np.minimum(xs, max_edges), "k--", lw=1.2, label="ideal: shared = λ")

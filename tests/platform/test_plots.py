@@ -99,7 +99,8 @@ def test_shared_edges_plot(tmp_path):
     lam = rng.integers(0, 17, size=30)
     df = pd.DataFrame({"lambda": lam, "shared_edges": np.clip(lam + rng.integers(-2, 3, 30), 0, 16),
                        "seed": np.repeat([0, 1, 2], 10)})
-    p = P.plot_shared_edges(df, tmp_path / "lam.png")
+    grid = pd.DataFrame({"lambda": [0, 8, 16], "shared_edges": [1, 7, 16]})
+    p = P.plot_shared_edges(df, tmp_path / "lam.png", grid=grid)
     assert _is_png(p) and _has_color(p, P.STRATEGY_COLORS["edgenes"], tol=0.1)
     with pytest.raises(ValueError, match="shared_edges"):
         P.plot_shared_edges(df.drop(columns="shared_edges"), tmp_path / "x.png")
