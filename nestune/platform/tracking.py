@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "default_tracking_uri", "flatten_params", "is_local_store"]
+__all__ = ["MlflowServer", "Tracker", "default_tracking_uri", "flatten_params", "free_port", "is_local_store"]
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +254,116 @@ class Tracker:
             self.client.log_batch(run_id, tags=chunk)
         for chunk in _chunks(m, 1000):
             self.client.log_batch(run_id, metrics=chunk)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class MlflowServer:
+    """An ``mlflow server`` on ``host:port`` over a backend store, started in its own process
+    group (``mlflow server`` spawns workers that outlive a SIGTERM to its own PID) and stopped
+    as a group. Use as a context manager, or call :meth:`stop`.
+
+    Args:
+        backend_store_uri: e.g. ``sqlite:////abs/path/mlflow.db``.
+        artifacts_destination: where the server stores artifacts it is sent (proxied
+            artifact serving); ``None``: MLflow's default.
+        host, port: where it listens (``port=0``: a free port).
+        workers: server worker processes.
+    """
+
+    def __init__(
+        self,
+        backend_store_uri: str,
+        *,
+        artifacts_destination: str | os.PathLike | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int = 1,
+        quiet: bool = True,
+    ) -> None:
+        import shutil
+        import subprocess
+        import sys
+
+        self.host = host
+        self.port = port or free_port(host)
+        exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+        cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+        cmd += ["server", "--backend-store-uri", backend_store_uri, "--host", host,
+                "--port", str(self.port), "--workers", str(workers)]
+        if artifacts_destination is not None:
+            dest = str(artifacts_destination)
+            if "://" not in dest:
+                dest = Path(dest).resolve().as_uri()
+            cmd += ["--artifacts-destination", dest]
+        out = subprocess.DEVNULL if quiet else None
+        env = dict(os.environ)
+        # The server's job runner (a pool of huey consumers, for GenAI evaluation jobs) is of
+        # no use to a study and costs seconds and processes: off unless asked for.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True)
+        self.pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> MlflowServer:
+        """Block until the server answers ``/health``; ``RuntimeError`` if it exits or times out."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with code {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer on {self.url} within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.alive():
+                time.sleep(0.1)
+            if not self.alive():
+                break
+
+    def alive(self) -> bool:
+        """True while any process of the server's group is left."""
+        self.process.poll()  # reap the group leader if it exited, or killpg still finds it
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self) -> MlflowServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
