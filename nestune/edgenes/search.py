@@ -25,10 +25,10 @@ Solved as in first-order DARTS, alternating per step:
 
 1. hypernetwork step (Adam) on a batch of the *architecture half* of the train split: one
    λ runs through the supernet for L_val; the regulariser (both terms) is averaged over that
-   λ and ``reg_samples`` more λ ~ U(0, Λ), each with its own Gumbel noise. The regulariser needs no
-   forward pass of the supernet, so the extra samples cost next to nothing and cut the
-   variance of its gradient, which otherwise would reach each pivot only on the steps whose
-   single λ falls next to it;
+   λ and ``reg_samples`` more λ ~ U(0, Λ), each with its own Gumbel noise. The regulariser
+   needs no forward pass of the supernet, so the extra samples cost next to nothing and cut
+   the variance of its gradient, which otherwise would reach each pivot only on the steps
+   whose single λ falls next to it;
 2. weight step (SGD, cosine learning rate per epoch, gradient clipping) on a batch of the
    *weight half*, under the relaxed architecture of a fresh λ (no gradient to the
    hypernetwork).

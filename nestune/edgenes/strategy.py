@@ -33,7 +33,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nestune.platform.strategy import FINISHED, WAIT, Job, Result, Strategy, register
+from nestune.platform.strategy import (
+    FINISHED,
+    WAIT,
+    Job,
+    Result,
+    Strategy,
+    StrategyContext,
+    register,
+)
 from nestune.search_spaces.darts import PRIMITIVES, DartsSpace
 
 __all__ = ["EdgeNES", "exhaustive_select", "member_disagreement"]
@@ -180,7 +188,7 @@ class EdgeNES(Strategy):
         self.plot_png = ""
         self._next = 0
 
-    def setup(self, context) -> None:  # type: ignore[override]
+    def setup(self, context: StrategyContext) -> None:
         super().setup(context)
         self._reset()
         if self.alpha_star is not None:

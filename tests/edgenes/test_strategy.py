@@ -257,3 +257,26 @@ def test_edgenes_search_job_feeds_member_jobs(monkeypatch) -> None:
         assert m["shared_edges"] == SPACE.common_edges(DARTS_V2, g)
         assert 0.0 <= m["lambda"] <= SPACE.arch_edges
     assert s.cost_split()["edgenes"] == pytest.approx(result["device_seconds"])
+
+
+def test_darts_search_result_gives_alpha_star() -> None:
+    """The DARTS search job the strategy issues runs as the darts method reads it, and its
+    result becomes α* of the EdgeNES search job (tiny: correctness, not quality)."""
+    pytest.importorskip("nestune.baselines.darts")
+    if "darts" not in SEARCH_METHODS:
+        pytest.skip("the darts search method is not registered")
+    data = load_data("digits", subset=200)
+    data = dataclasses.replace(data, train=type(data.train)(data.train.x[:64], data.train.y[:64]))
+    s = _strategy(darts_epochs=1, darts_C=4, darts_layers=3, darts_batch_size=16)
+    job = s.ask()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_search(job, data, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    s.tell(job, {**result, "trial_id": "t0"})
+    search = s.ask()
+    assert search["method"] == "edgenes" and search["alpha_star"] == result["genotype"]
+    SPACE.validate(type(DARTS_V2).from_json(search["alpha_star"]))
+    assert s.cost_split()["darts"] == pytest.approx(result["device_seconds"])
