@@ -144,7 +144,7 @@ def test_an_optimiser_step_moves_the_hypernetwork_towards_its_target(kind: str) 
             assert torch.equal(after[name], value)  # fixed pivot positions
         else:
             assert not torch.allclose(after[name], value), f"{name} did not change"
-    assert objective().item() < 0.5 * start
+    assert objective().item() < 0.6 * start
 
 
 def test_relaxed_count_equals_common_edges_on_one_hot_genotypes() -> None:
