@@ -22,7 +22,7 @@ SPACE = DartsSpace()
 TINY = {"epochs": 1, "C": 4, "layers": 2, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # The test machine's cores are shared: one thread per process avoids oversubscription,
     # which slows small convolutions by an order of magnitude.
