@@ -67,7 +67,7 @@ def searched(digits: DataBundle, tmp_path_factory):
         alpha_star = SPACE.sample(0)
         plot_path = tmp_path_factory.mktemp("plot") / "shared_edges.png"
         job = {"kind": "search", "method": "edgenes", "seed": 0, "alpha_star": alpha_star.to_json(),
-               "epochs": 10, "C": 4, "layers": 3, "batch_size": 64, "grid_points": 17,
+               "epochs": 8, "C": 4, "layers": 3, "batch_size": 64, "grid_points": 17,
                "num_samples": 8, "plot_path": str(plot_path)}
         result = run_search(job, _train_only(digits), "cpu")
     finally:
