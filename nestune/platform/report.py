@@ -185,6 +185,7 @@ def write_report(
     tracking_uri: str | None = None,
     max_size: int | None = None,
     max_genotypes: int = 3,
+    horizon: float | None = None,
 ) -> Path:
     """Write the study's report (see the module docstring); returns the path of report.md.
 
@@ -198,6 +199,8 @@ def write_report(
         max_size: largest M of the ensemble-size curves (default max(10, 2 x ensemble size),
             capped by the pool).
         max_genotypes: how many of the best ensemble's genotypes to draw.
+        horizon: end of the common AUC window in device-hours (default: the shortest run's
+            final device-hours, so no run is extrapolated).
     """
     result = _load(study)
     out = Path(result.output_dir)
@@ -241,19 +244,29 @@ def write_report(
         md.append("## Anytime performance\n")
         for metric in ("nll", "error"):
             init = S.uniform_value(metric, num_classes)
-            auc = S.anytime_auc(curves, metric, initial=init)
+            auc = S.anytime_auc(curves, metric, initial=init, horizon=horizon)
             auc.insert(2, "metric", metric)
             auc_frames.append(auc)
+            if metric == "nll":
+                for _, r in auc[auc["points"] == 0].iterrows():
+                    notes.append(
+                        f"{r['strategy']} seed {r['seed']}: no ensemble finished inside the common "
+                        f"AUC window (0 to {r['end']:.4g} h), so its AUC is the uniform predictor's; "
+                        "pass horizon=... to compare over a longer window"
+                    )
         auc_all = pd.concat(auc_frames, ignore_index=True)
         auc_all.to_csv(rdir / "auc.csv", index=False)
-        horizon = float(auc_all["end"].iloc[0])
+        given, horizon = horizon, float(auc_all["end"].iloc[0])
         figures.append(P.plot_anytime(curves, rdir / "anytime.png", order=order, horizon=horizon,
                                       title=f"{name}: ensemble quality vs compute"))
+        window = (f"the shortest run's final device-hours ({horizon:.4g} h), every run clipped there"
+                  if given is None else
+                  f"{horizon:.4g} h (given; a run that ended earlier keeps its last ensemble)")
         md.append(
             "Ensemble test NLL and error against cumulative device-hours (searches included), "
             "mean ± std over seeds. The area under each curve (AUC, metric × device-hours; "
-            "lower is better) is taken over a common window for all runs: from 0 to the "
-            f"shortest run's final device-hours ({horizon:.4g} h), every run clipped there. A run "
+            "lower is better) is taken over a common window for all runs: from 0 to "
+            f"{window}. A run "
             "is a step function (the ensemble at t is the last one finished by t) and is worth "
             f"the uniform predictor's value (NLL ln {num_classes} = {math.log(num_classes):.3f}, "
             f"error {100 * (1 - 1 / num_classes):.1f} %) until its first ensemble, so a slow "
@@ -288,11 +301,14 @@ def write_report(
     quantities: list[tuple[str, pd.DataFrame, str]] = []
     for auc in auc_frames:
         metric = auc["metric"].iloc[0]
-        quantities.append((f"AUC of {metric.upper()} vs device-hours", auc, "auc"))
+        quantities.append((f"AUC of {'NLL' if metric == 'nll' else metric} vs device-hours", auc, "auc"))
     quantities.append(("final ensemble test accuracy", table, "accuracy"))
     quantities.append(("final ensemble test NLL", table, "nll"))
+    max_seeds = int(table.groupby("strategy")["seed"].nunique().max()) if not table.empty else 0
+    if max_seeds < 2:
+        md.append("One seed per strategy: no p-values (run the study with two or more seeds).\n")
     for title, df, col in quantities:
-        if len(order) < 2:
+        if len(order) < 2 or max_seeds < 2:
             break
         tests = S.pairwise_tests(df, col, paired=paired, order=order)
         tests.insert(0, "quantity", title)
