@@ -56,6 +56,11 @@ MEMBER_COLUMNS = [
 ]
 DATA_OPTIONS = ("root", "val_fraction", "seed", "download", "subset", "cache_dir")
 RESOURCE_KEYS = ("cpu", "gpu", "memory")
+STUDY_FIELDS = (
+    "name", "data", "strategies", "seeds", "budget", "ensemble_size", "train", "search",
+    "resources", "tracking_uri", "storage_path", "output_dir", "data_options", "ray_address",
+    "max_concurrent", "num_cpus", "verbose",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -340,6 +345,79 @@ class Study:
         if not isinstance(verbose, bool):
             raise ValueError(f"verbose: expected a bool, got {verbose!r}")
         self.verbose = verbose
+
+    # ---------------------------------------------------------------- study files
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, where: str = "study file",
+                    **overrides: Any) -> Study:
+        """A Study from a dict shaped like a study file (see ``runs/quickstart.toml``):
+        the Study's arguments at the top level, ``[[strategies]]`` tables with ``name``, an
+        optional ``label``, ``optional = true`` (skip it when no such strategy is registered)
+        and the hyperparameters. Every unknown or ill-typed field is a ``ValueError`` that names
+        it. ``overrides`` replace top-level fields."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{where}: expected a table of study settings, got {config!r}")
+        config = {**config, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(set(config) - set(STUDY_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(STUDY_FIELDS)})")
+        if "name" not in config:
+            raise ValueError(f"{where}: field 'name' is required")
+        entries = config.get("strategies")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{where}: 'strategies' must be a non-empty list of [[strategies]] tables")
+        strategies: list[Any] = []
+        for i, entry in enumerate(entries):
+            at = f"{where}: strategies[{i}]"
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{at}: expected a table with a 'name', got {entry!r}")
+            entry = dict(entry)
+            name = entry.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError(f"{at}.name: expected a strategy name, got {name!r}")
+            label = entry.pop("label", name)
+            optional = entry.pop("optional", False)
+            if not isinstance(optional, bool):
+                raise ValueError(f"{at}.optional: expected true or false, got {optional!r}")
+            try:
+                get_strategy(name)
+            except ValueError:
+                if optional:
+                    continue
+                raise ValueError(f"{at}.name: {name!r} is not a registered strategy "
+                                 "(set optional = true to skip it when absent)") from None
+            try:
+                make_strategy(name, **entry)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{at}: {e}") from None
+            strategies.append((name, entry, label))
+        if not strategies:
+            raise ValueError(f"{where}: none of the strategies is registered")
+        kwargs = {k: v for k, v in config.items() if k != "strategies"}
+        kwargs["strategies"] = strategies
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> Study:
+        """A Study from a TOML study file (relative paths in it are relative to the current
+        directory, like the command line's)."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"study file: {p} does not exist")
+        try:
+            config = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"study file {p}: not valid TOML ({e})") from None
+        return cls.from_config(config, where=f"study file {p}", **overrides)
 
     # ---------------------------------------------------------------- settings
 
