@@ -411,7 +411,8 @@ def write_report(
         samples.to_csv(rdir / "shared_edges.csv", index=False)
         md.append("## EdgeNES: diversity control\n")
         md.append("Edges each architecture sampled at λ shares with α* (the DARTS genotype), "
-                  "against λ; the dashed line is the ideal shared = λ. "
+                  "against λ; the thin line: genotypes derived along a λ grid after the search; "
+                  "the dashed line is the ideal shared = λ. "
                   "[shared_edges.csv](report/shared_edges.csv)\n")
         md.append("![shared edges vs lambda](report/shared_edges.png)\n")
 
@@ -484,14 +485,24 @@ def _settings_md(settings: dict[str, Any], table: pd.DataFrame, out: Path) -> st
 
 
 def _shared_edges(members: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None, str] | None:
-    """EdgeNES' λ samples (and λ grid) from its search outputs, else from its members' λ.
+    """EdgeNES' sampled architectures as (λ, edges shared with α*) points, the λ grid of its
+    search, and the strategy's label.
 
-    The EdgeNES search stores ``extra.samples`` (λ, genotype, shared edges with α*) and the
-    grid ``extra.lambdas`` / ``extra.shared_edges`` in ``search.json``.
+    Points come from the trained members' job keys ``lambda`` / ``shared_edges`` (what the
+    edgenes strategy puts in every member job), else from the search's ``extra.samples``; the
+    grid (genotypes derived along λ) from ``extra.lambdas`` / ``extra.shared_edges`` in the
+    edgenes search's ``search.json``.
     """
     if members is None or members.empty or "kind" not in members.columns:
         return None
-    samples, grids, label = [], [], None
+    samples, from_search, grids, labels = [], [], [], []
+    if {"lambda", "shared_edges"} <= set(members.columns):
+        rows = members[(members["kind"] == "member") & members["lambda"].notna()
+                       & members["shared_edges"].notna()]
+        for _, r in rows.iterrows():
+            samples.append({"strategy": r["strategy"], "seed": r["seed"], "lambda": float(r["lambda"]),
+                            "shared_edges": float(r["shared_edges"])})
+            labels.append(r["strategy"])
     for _, row in members[members["kind"] == "search"].iterrows():
         p = row.get("path")
         f = Path(p) / "search.json" if isinstance(p, str) else None
@@ -502,20 +513,19 @@ def _shared_edges(members: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | N
         except (OSError, ValueError):
             continue
         got = [s for s in extra.get("samples") or [] if "lambda" in s and "shared_edges" in s]
-        if not got:
-            continue
-        label = label or row["strategy"]
         for s in got:
-            samples.append({"strategy": row["strategy"], "seed": row["seed"],
-                            "lambda": float(s["lambda"]), "shared_edges": float(s["shared_edges"])})
+            from_search.append({"strategy": row["strategy"], "seed": row["seed"],
+                                "lambda": float(s["lambda"]), "shared_edges": float(s["shared_edges"])})
         lams, shared = extra.get("lambdas") or [], extra.get("shared_edges") or []
-        if len(lams) == len(shared) and lams:
+        if got and lams and len(lams) == len(shared):
+            labels.append(row["strategy"])
             grids.extend({"strategy": row["strategy"], "seed": row["seed"], "lambda": float(a),
                           "shared_edges": float(b)} for a, b in zip(lams, shared, strict=True))
-    if not samples:
+    points = samples or from_search
+    if not points:
         return None
     grid = pd.DataFrame(grids) if grids else None
-    return pd.DataFrame(samples), grid, str(label)
+    return pd.DataFrame(points), grid, str(labels[0] if labels else points[0]["strategy"])
 
 
 def _log_mlflow(result: Any, settings: dict[str, Any], name: str, md_path: Path, rdir: Path,

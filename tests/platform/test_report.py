@@ -41,7 +41,8 @@ def make_study(root: Path, seeds=(0, 1, 2), shifted=True, name="synthetic") -> P
         for seed in seeds:
             hours = 0.0
             vals, tests = [], []
-            if label == "edgenes":
+            edge = label == "edgenes"
+            if edge:
                 alpha = space.sample(seed)
                 sdir = out / "members" / f"{label}-s{seed}" / "search"
                 sdir.mkdir(parents=True)
@@ -59,7 +60,8 @@ def make_study(root: Path, seeds=(0, 1, 2), shifted=True, name="synthetic") -> P
                 members.append({"strategy": label, "seed": seed, "trial_id": f"{label}{seed}s",
                                 "kind": "search", "genotype": alpha.to_json(), "device_seconds": 30.0,
                                 "val_nll": np.nan, "val_error": np.nan, "test_nll": np.nan,
-                                "test_error": np.nan, "path": str(sdir), "lambda": np.nan})
+                                "test_error": np.nan, "path": str(sdir), "lambda": np.nan,
+                                "shared_edges": np.nan})
             for k in range(K):
                 g = space.sample(1000 * seed + k + hash(label) % 97)
                 d = out / "members" / f"{label}-s{seed}" / f"m{k}"
@@ -85,7 +87,8 @@ def make_study(root: Path, seeds=(0, 1, 2), shifted=True, name="synthetic") -> P
                                 "kind": "member", "genotype": g.to_json(), "device_seconds": secs,
                                 "val_nll": M.nll(pv, y_val), "val_error": M.error(pv, y_val),
                                 "test_nll": M.nll(pt, y_test), "test_error": M.error(pt, y_test),
-                                "path": str(d), "lambda": float(k) if label == "edgenes" else np.nan})
+                                "path": str(d), "lambda": 2.0 * k if edge else np.nan,
+                                "shared_edges": space.common_edges(alpha, g) if edge else np.nan})
             ens_m = np.stack(tests)[chosen].astype(np.float64)
             c = curves[-1]
             table.append({"strategy": label, "seed": seed, "accuracy": 1 - c["error"], "nll": c["nll"],
@@ -148,6 +151,8 @@ def test_report_csvs_hold_the_numbers(report):
     assert pv["pvalue"].between(0, 1).all()
     sizes = pd.read_csv(r / "ensemble_size.csv")
     assert sizes["size"].max() == K
+    lam = pd.read_csv(r / "shared_edges.csv")  # from the trained members' job keys
+    assert len(lam) == 3 * K and set(lam["lambda"]) == {0.0, 2.0, 4.0, 6.0, 8.0}
     shift = pd.read_csv(r / "shift.csv")
     assert set(shift["severity"]) == {0, 1, 3, 5}
     assert set(shift["corruption"]) == {"gaussian_noise", "jpeg"}
