@@ -711,11 +711,15 @@ def execute_job(job: Mapping[str, Any], env: Mapping[str, Any], out_dir: str | o
     import torch
 
     out = Path(out_dir)
+    kind = job.get("kind")
+    if kind not in ("member", "search"):
+        raise ValueError(f"job.kind: expected 'member' or 'search', got {kind!r}")
+    (out / "job.json").write_text(job_key(job))
+    if int(env.get("workers") or 1) > 1:
+        return _execute_distributed(job, env, out)
     data = _load_data_cached(env.get("data") or {"name": "digits"})
     use_gpu = float(env.get("gpu") or 0) > 0 and torch.cuda.is_available()
     device = "cuda" if use_gpu else "cpu"
-    kind = job.get("kind")
-    (out / "job.json").write_text(job_key(job))
     if kind == "member":
         from nestune.platform.training import train_member
 
@@ -726,28 +730,52 @@ def execute_job(job: Mapping[str, Any], env: Mapping[str, Any], out_dir: str | o
         if "seed" not in job:
             raise ValueError("job.seed: a member job needs a seed")
         member = train_member(job["genotype"], data, config, seed=job["seed"], device=device)
-        member.save(out)
-        metrics = {k: float(v) for k, v in member.metrics.items() if _is_number(v)}
-        metrics.update(device_seconds=float(member.device_seconds), num_params=float(member.num_params))
-        return metrics
-    if kind == "search":
-        from nestune.platform.search import run_search
+        return _store_member(member, out)
+    from nestune.platform.search import run_search
 
-        merged = {**(env.get("search") or {}), **job}
-        result = run_search(merged, data, device)
-        (out / "genotype.json").write_text(str(result["genotype"]))
-        extra = result.get("extra") or {}
-        (out / "search.json").write_text(json.dumps(
-            {"method": result.get("method"), "genotype": result["genotype"],
-             "device_seconds": float(result["device_seconds"]), "extra": extra},
-            default=_json_default))
-        arrays = result.get("arrays") or {}
-        if arrays:
-            np.savez(out / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-        metrics = {k: float(v) for k, v in extra.items() if _is_number(v)}
-        metrics["device_seconds"] = float(result["device_seconds"])
-        return metrics
-    raise ValueError(f"job.kind: expected 'member' or 'search', got {kind!r}")
+    merged = {**(env.get("search") or {}), **job}
+    return _store_search(run_search(merged, data, device), out)
+
+
+def _store_member(member: Any, out: Path) -> dict[str, Any]:
+    member.save(out)
+    metrics = {k: float(v) for k, v in member.metrics.items() if _is_number(v)}
+    metrics.update(device_seconds=float(member.device_seconds), num_params=float(member.num_params))
+    return metrics
+
+
+def _store_search(result: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    (out / "genotype.json").write_text(str(result["genotype"]))
+    extra = result.get("extra") or {}
+    (out / "search.json").write_text(json.dumps(
+        {"method": result.get("method"), "genotype": result["genotype"],
+         "device_seconds": float(result["device_seconds"]), "extra": extra},
+        default=_json_default))
+    arrays = result.get("arrays") or {}
+    if arrays:
+        np.savez(out / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+    metrics = {k: float(v) for k, v in extra.items() if _is_number(v)}
+    metrics["device_seconds"] = float(result["device_seconds"])
+    return metrics
+
+
+def _execute_distributed(job: Mapping[str, Any], env: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """A job data-parallel on ``env["workers"]`` Ray Train workers started from this trial
+    (:mod:`nestune.platform.distributed`); whole GPUs per worker when the study asks for any."""
+    from nestune.platform.distributed import run_job_distributed
+
+    result = run_job_distributed(
+        job, dict(env.get("data") or {"name": "digits"}), int(env["workers"]),
+        use_gpu=float(env.get("gpu") or 0) > 0,
+        cpus_per_worker=float(env.get("cpu") or 1),
+        search_defaults=env.get("search") or {},
+        train_defaults=env.get("train") or {},
+        report_defaults={METRIC: float("nan")},
+        storage_path=env.get("train_storage_path"),
+    )
+    if job["kind"] == "member":
+        return _store_member(result["member"], out)
+    return _store_search(result, out)
 
 
 def run_job(config: dict[str, Any]) -> None:
@@ -761,7 +789,9 @@ def run_job(config: dict[str, Any]) -> None:
     import torch
 
     job, env = config["job"], config.get("env") or {}
-    threads = max(1, int(math.floor(float(env.get("cpu") or 1))))
+    # A data-parallel job's trial only coordinates (its Train workers hold the CPUs).
+    cpus = 1.0 if int(env.get("workers") or 1) > 1 else float(env.get("cpu") or 1)
+    threads = max(1, int(math.floor(cpus)))
     torch.set_num_threads(threads)
     metrics: dict[str, Any] = {
         "kind": job.get("kind"),

@@ -55,7 +55,7 @@ MEMBER_COLUMNS = [
     "test_nll", "test_error", "path",
 ]
 DATA_OPTIONS = ("root", "val_fraction", "seed", "download", "subset", "cache_dir")
-RESOURCE_KEYS = ("cpu", "gpu", "memory")
+RESOURCE_KEYS = ("cpu", "gpu", "memory", "workers")
 STUDY_FIELDS = (
     "name", "data", "strategies", "seeds", "budget", "ensemble_size", "train", "search",
     "resources", "tracking_uri", "storage_path", "output_dir", "data_options", "ray_address",
@@ -232,7 +232,8 @@ class Study:
             members are trained (a job may override fields).
         search: defaults merged into every search job (the job's own keys win).
         resources: per trial, ``{"cpu": 1, "gpu": 0.25, "memory": bytes}``; a fractional GPU
-            lets several small trials share one device.
+            lets several small trials share one device. ``workers = n > 1`` runs every job
+            data-parallel on n Ray Train workers of ``cpu`` CPUs (and one GPU if ``gpu``) each.
         max_concurrent: bound on concurrent trials (default: what the resources fit, capped by
             memory at about 1 GiB per trial, since each trial process holds torch).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``<output_dir>/mlflow.db``).
@@ -466,7 +467,7 @@ class Study:
         artifacts = (self.output_dir / "mlartifacts").as_uri() if is_local_store(uri) else None
         tracker = Tracker(uri, self.name, artifact_location=artifacts,
                           tags={"nestune.output_dir": str(self.output_dir)})
-        started_ray = _ensure_ray(self.ray_address, self.num_cpus)
+        started_ray = _ensure_ray(self.ray_address, self.num_cpus, self.resources)
         # The legacy reporter at verbose=0 prints nothing; the new one still draws its boxes.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         runs: list[_RunRecord] = []
@@ -529,6 +530,8 @@ class _RunRecord:
             "data": study.data_spec,
             "train": study.train.to_dict(),
             "search": study.search,
+            # Where the Ray Train runs of data-parallel jobs persist (shared on a cluster).
+            "train_storage_path": f"{study.storage_path.rstrip('/')}/train",
             **study.resources,
         }
         self.searcher = StrategySearcher(
@@ -867,6 +870,14 @@ def _parse_resources(resources: Any) -> dict[str, float]:
         raise ValueError(f"resources.cpu: expected a number > 0, got {resources.get('cpu')!r}")
     if out["gpu"] > 1 and out["gpu"] != int(out["gpu"]):
         raise ValueError(f"resources.gpu: a fraction must be <= 1 (or a whole number), got {out['gpu']}")
+    if "workers" in resources:
+        w = resources["workers"]
+        if not _is_int(w) or w < 1:
+            raise ValueError(f"resources.workers: expected an int >= 1, got {w!r}")
+        out["workers"] = int(w)
+        if w > 1 and out["gpu"] and out["gpu"] != 1:
+            raise ValueError("resources.gpu: data-parallel workers take one whole GPU each; "
+                             f"use gpu = 1 or 0 with workers = {w}, got {out['gpu']}")
     return out
 
 
@@ -899,13 +910,18 @@ def _parse_data_options(options: Any) -> dict[str, Any]:
 
 
 def _ray_resources(resources: Mapping[str, float]) -> dict[str, float]:
+    if resources.get("workers", 1) > 1:
+        # A data-parallel trial only starts its Ray Train workers, which ask for the CPUs (and
+        # GPUs) themselves; holding them in the trial too would leave the workers waiting.
+        return {"cpu": 0.01}
     out = {"cpu": resources["cpu"], "gpu": resources.get("gpu", 0.0)}
     if resources.get("memory"):
         out["memory"] = resources["memory"]
     return out
 
 
-def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
+def _ensure_ray(address: str | None, num_cpus: int | None,
+                resources: Mapping[str, float] | None = None) -> bool:
     """Attach to ``address`` (or ``RAY_ADDRESS``), or start Ray in this process; True when this
     call started it (and the study shuts it down again)."""
     import ray
@@ -917,10 +933,18 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, **quiet)
     else:
+        if num_cpus is None:
+            # Logical CPUs: at least one trial must fit, data-parallel workers and all.
+            need = math.ceil(_trial_cpus(resources or {"cpu": 1.0}))
+            num_cpus = max(os.cpu_count() or 1, need)
         # address="local": never attach by accident to another Ray on this machine.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
-                 include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
+
+
+def _trial_cpus(resources: Mapping[str, float]) -> float:
+    workers = int(resources.get("workers", 1))
+    return resources["cpu"] * workers + (0.01 if workers > 1 else 0.0)
 
 
 def _default_concurrency(resources: Mapping[str, float]) -> int:
@@ -928,9 +952,16 @@ def _default_concurrency(resources: Mapping[str, float]) -> int:
     import ray
 
     total = ray.cluster_resources()
-    bounds = [int(total.get("CPU", 1) // resources["cpu"])]
-    if resources.get("gpu"):
-        bounds.append(int(total.get("GPU", 0) // resources["gpu"]))
+    workers = int(resources.get("workers", 1))
+    cpu = _trial_cpus(resources)
+    gpu = resources.get("gpu", 0.0) * workers
+    if cpu > total.get("CPU", 0) or gpu > total.get("GPU", 0):
+        log.warning("one trial needs %.2f CPUs and %.2f GPUs; the cluster has %s CPUs and %s GPUs "
+                    "now: trials wait until the cluster grows", cpu, gpu, total.get("CPU", 0),
+                    total.get("GPU", 0))
+    bounds = [int(total.get("CPU", 1) // cpu)]
+    if gpu:
+        bounds.append(int(total.get("GPU", 0) // gpu))
     if resources.get("memory"):
         bounds.append(int(total.get("memory", 0) // resources["memory"]))
     mem = total.get("memory")

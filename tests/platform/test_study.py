@@ -220,6 +220,8 @@ def test_arguments_are_validated(tmp_path):
         ({"resources": {"cpu": 0}}, "resources.cpu"),
         ({"resources": {"tpu": 1}}, "resources.tpu"),
         ({"resources": {"gpu": 1.5}}, "resources.gpu"),
+        ({"resources": {"workers": 0}}, "resources.workers"),
+        ({"resources": {"workers": 2, "gpu": 0.5}}, "resources.gpu"),
         ({"data_options": {"val_fraction": 2}}, "data_options.val_fraction"),
         ({"data_options": {"colour": 1}}, "data_options.colour"),
         ({"search": {1: 2}}, "search"),
@@ -235,3 +237,13 @@ def test_arguments_are_validated(tmp_path):
               output_dir=tmp_path, budget={"device_hours": 0.5})
     assert [x.label for x in s.specs] == ["rs", "random"] and s.storage_path == "s3://bucket/x/ok"
     assert s.tracking_uri.startswith("sqlite:///") or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def test_data_parallel_trials_hold_only_a_sliver():
+    from nestune.platform.study import _parse_resources, _ray_resources, _trial_cpus
+
+    dp = _parse_resources({"cpu": 2, "workers": 3})
+    # The trial coordinates; its Ray Train workers ask for the CPUs themselves.
+    assert _ray_resources(dp) == {"cpu": 0.01} and _trial_cpus(dp) == 6.01
+    single = _parse_resources({"cpu": 1, "gpu": 0.25})
+    assert _ray_resources(single) == {"cpu": 1.0, "gpu": 0.25} and _trial_cpus(single) == 1.0
