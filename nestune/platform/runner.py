@@ -401,8 +401,9 @@ class StrategySearcher(Searcher):
         job = self._live.pop(trial_id, None)
         if job is None:
             return
-        if result is None and not error:
-            # Removed before it ran (the run was stopped): it is still to be done.
+        if not error and (result is None or not ({"kind", "member_dir", "error"} & set(result))):
+            # Stopped before the job reported (the run was interrupted, or the trial removed
+            # before it ran; run_job always reports "kind"): it is still to be done.
             self._requeue.append(job)
             self._save_state()
             return
@@ -580,7 +581,9 @@ class StrategySearcher(Searcher):
             "kind": entry["kind"],
             "trial_id": entry["trial_id"],
             "device_seconds": entry["device_seconds"],
-            "metrics": dict(entry.get("metrics") or {}),
+            # Strategies select on validation data only: test metrics stay with the study.
+            "metrics": {k: v for k, v in (entry.get("metrics") or {}).items()
+                        if not k.startswith("test_")},
         }
         if not entry["ok"]:
             return {**base, "error": entry["error"] or "failed"}

@@ -173,18 +173,24 @@ class StudyResult:
 def score_ensemble(
     strategy: Strategy,
     val_probs: np.ndarray,
-    test_probs: np.ndarray,
+    test_probs: Sequence[np.ndarray],
     val_labels: np.ndarray,
     test_labels: np.ndarray,
     size: int,
+    *,
+    member_val_nll: Sequence[float] | None = None,
+    member_test_error: Sequence[float] | None = None,
 ) -> tuple[list[int], dict[str, float]]:
-    """The strategy's ensemble over a pool (``strategy.select`` on val) and its test metrics."""
+    """The strategy's ensemble over a pool (``strategy.select`` on the (K, N, C) validation
+    probabilities) and its test metrics. ``test_probs`` is indexed by member (a list will do:
+    only the chosen members' are stacked); the members' own val NLL and test error may be
+    given when already known."""
     from nestune.platform import metrics as M
 
     chosen = [int(i) for i in strategy.select(val_probs, val_labels, size)]
     if not chosen:
         raise ValueError(f"{strategy.name}.select returned an empty ensemble")
-    members = test_probs[chosen]
+    members = np.stack([np.asarray(test_probs[i], dtype=np.float32) for i in chosen])
     ens = members.mean(axis=0)
     scores = {
         "nll": M.nll(ens, test_labels),
@@ -196,8 +202,12 @@ def score_ensemble(
         "avg_member_nll": float(np.mean([M.nll(p, test_labels) for p in members])),
     }
     scores["accuracy"] = 1.0 - scores["error"]
-    best = int(np.argmin([M.nll(p, val_labels) for p in val_probs]))
-    scores["best_member_accuracy"] = 1.0 - M.error(test_probs[best], test_labels)
+    if member_val_nll is None:
+        member_val_nll = [M.nll(p, val_labels) for p in val_probs]
+    best = int(np.argmin(member_val_nll))
+    best_error = (member_test_error[best] if member_test_error is not None
+                  else M.error(np.asarray(test_probs[best], dtype=np.float32), test_labels))
+    scores["best_member_accuracy"] = 1.0 - float(best_error)
     return chosen, {k: float(v) for k, v in scores.items()}
 
 
@@ -543,7 +553,8 @@ class _RunRecord:
         state = self.state_dir / "searcher.pkl"
         if state.exists():
             self.searcher.restore(str(state))
-        self.pool: list[dict[str, Any]] = []  # ledger entries of members, with their arrays
+        self.pool: list[dict[str, Any]] = []  # ledger entries of members, with test probs
+        self._val: np.ndarray | None = None  # the pool's validation probabilities, (K, N, C)
         self.curve: list[dict[str, Any]] = []
         self.ensemble: list[int] = []
         self.final: dict[str, float] = {}
@@ -573,7 +584,7 @@ class _RunRecord:
             "strategy": spec.name,
             "label": spec.label,
             "seed": seed,
-            "hp": _jsonable(spec.hparams) or {"": "defaults"},
+            "hp": _jsonable(spec.hparams),
             "data": study.data_spec,
             "budget": study.budget.to_dict(),
             "ensemble_size": study.ensemble_size,
@@ -644,7 +655,7 @@ class _RunRecord:
                 self.tracker.end_run(self.parent_id, status)
             except Exception:
                 log.exception("%s: MLflow logging of the final ensemble failed", self.spec.label)
-        reason = self.searcher.finish_reason or "stopped"
+        reason = self.searcher.finish_reason or ("interrupted" if status == "KILLED" else "stopped")
         self.study._say(
             f"{self.spec.label} seed {self.seed}: done ({reason}): "
             f"{self.study.budget.describe(members, seconds)}, {failed} failed; "
@@ -680,7 +691,21 @@ class _RunRecord:
 
     def _add(self, entry: dict[str, Any], arrays: dict[str, Any], cumulative_seconds: float,
              log_it: bool) -> None:
-        self.pool.append({**entry, "val_probs": arrays["val_probs"], "test_probs": arrays["test_probs"],
+        from nestune.platform import metrics as M
+
+        val = np.asarray(arrays["val_probs"], dtype=np.float32)
+        test = np.asarray(arrays["test_probs"], dtype=np.float16)  # half the memory; scored in fp32
+        k = len(self.pool)
+        if self._val is None or k == len(self._val):
+            # A growing (K, N, C) buffer: select() gets a view, not a restack of the whole pool.
+            grown = np.empty((max(8, 2 * k), *val.shape), dtype=np.float32)
+            if self._val is not None:
+                grown[:k] = self._val[:k]
+            self._val = grown
+        self._val[k] = val
+        self.pool.append({**entry, "test_probs": test,
+                          "val_nll": M.nll(val, self.labels["val"]),
+                          "test_error": M.error(test.astype(np.float32), self.labels["test"]),
                           "genotype_json": arrays.get("genotype") or entry["job"].get("genotype")})
         chosen, scores = self._score()
         self.ensemble = chosen
@@ -704,10 +729,13 @@ class _RunRecord:
                 log.exception("%s: MLflow logging of the ensemble failed", self.spec.label)
 
     def _score(self) -> tuple[list[int], dict[str, float]]:
-        val = np.stack([m["val_probs"] for m in self.pool])
-        test = np.stack([m["test_probs"] for m in self.pool])
-        return score_ensemble(self.searcher.strategy, val, test, self.labels["val"],
-                              self.labels["test"], self.study.ensemble_size)
+        k = len(self.pool)
+        return score_ensemble(
+            self.searcher.strategy, self._val[:k], [m["test_probs"] for m in self.pool],
+            self.labels["val"], self.labels["test"], self.study.ensemble_size,
+            member_val_nll=[m["val_nll"] for m in self.pool],
+            member_test_error=[m["test_error"] for m in self.pool],
+        )
 
     # ---------------------------------------------------------------- rows
 
