@@ -52,7 +52,9 @@ the threshold's 2ηL(T − t)); the speed-up of wipeout is a second-half effect 
 trades the regret guarantee's scale against how early typical rewards can wipe an op: the
 default 0.05 is the scale of the rewards of a small supernet on digits (mean |R| ≈ 0.04).
 Wipeout never removes the op with the largest v (its log v equals the maximum, never below it),
-and a removed op never comes back (its log v is −inf).
+and a removed op never comes back (its log v is −inf). ``none`` is an expert like the others
+when the space has it: its output is zero, so its reward is always 0 and it is never computed;
+the other ops rise or fall relative to it, and ``derive`` never picks it.
 
 Speed-up: the search logs, per epoch, the mean step time and the number of ops still active,
 and its result's ``extra`` holds the wipeout log and step times (``arrays`` the per-step ones).
@@ -114,6 +116,8 @@ log = logging.getLogger(__name__)
 
 CELLS = ("normal", "reduce")
 
+# Defaults of an XNAS search job. XNAS searched in DARTS' set-up (the paper's values are
+# DARTS_DEFAULTS' comments); ω trains with DARTS' SGD settings.
 XNAS_DEFAULTS: dict[str, Any] = {
     "epochs": DARTS_DEFAULTS["epochs"],
     "C": DARTS_DEFAULTS["C"],

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 import uuid
@@ -304,9 +305,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     else:
         raise ValueError(f"job.kind: expected 'member' or 'search', got {job.get('kind')!r}")
     if replicas.rank == 0:
+        # A synchronous upload: the directory has been copied to storage when report returns.
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(out)))
     else:
         ray.train.report(final)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def run_job_distributed(
@@ -378,6 +381,7 @@ def run_job_distributed(
 
         callbacks.append(TuneReportCallback())
         name = f"dp-{tune.get_context().get_trial_id()}-{uuid.uuid4().hex[:6]}"
+    own_storage = storage_path is None
     storage = storage_path or tempfile.mkdtemp(prefix="nestune-train-")
     resources = {"CPU": float(cpus_per_worker)}
     if use_gpu:
@@ -397,12 +401,21 @@ def run_job_distributed(
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"data-parallel job {job.get('kind')}: the workers stored no result")
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"data-parallel job {job.get('kind')}: the workers stored no result")
+        return _read_result(job["kind"], result.checkpoint)
+    finally:
+        if own_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def _read_result(kind: str, checkpoint: Any) -> dict[str, Any]:
+    """The job result rank 0 stored in the run's checkpoint."""
     with tempfile.TemporaryDirectory(prefix="nestune-dp-result-") as tmp:
-        d = Path(result.checkpoint.to_directory(tmp))
-        if job["kind"] == "search":
+        d = Path(checkpoint.to_directory(tmp))
+        if kind == "search":
             out = json.loads((d / "result.json").read_text())
             arrays = {}
             if (d / "arrays.npz").is_file():
