@@ -19,7 +19,7 @@ QUICKSTART: dict[str, Any] = {
     "seeds": [0],
     "budget": {"members": 6},
     "ensemble_size": 3,
-    "train": {"epochs": 3, "C": 8, "layers": 3, "batch_size": 64},
+    "train": {"epochs": 4, "C": 8, "layers": 3, "batch_size": 64},
     "resources": {"cpu": 1, "gpu": 0},
 }
 # Small settings of the strategies we know; other registered strategies get their defaults
@@ -29,9 +29,9 @@ QUICKSTART_HPARAMS: dict[str, dict[str, Any]] = {
     "nes_re": {"population": 3, "candidates": 2},
     "deep_ens": {},
     "tpe": {"startup_trials": 3},
-    "darts_ens": {"k": 2, "search_epochs": 2, "search_C": 4, "search_layers": 3},
+    "darts_ens": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
     "darts": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
-    "xnas": {"k": 2, "search_epochs": 2, "search_C": 4, "search_layers": 3},
+    "xnas": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
     "edgenes": {"darts_epochs": 2, "darts_C": 4, "darts_layers": 3, "search_epochs": 2,
                 "search_C": 4, "search_layers": 3},
 }

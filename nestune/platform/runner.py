@@ -654,7 +654,7 @@ class _SearcherCallback(tune.Callback):
 def _numeric(result: Mapping[str, Any]) -> dict[str, float]:
     """The job's own numeric metrics from a Tune result (Tune's bookkeeping left out)."""
     skip = {
-        "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore",
+        "training_iteration", "timestamp", "time_this_iter_s", "time_since_restore",
         "iterations_since_restore", "pid", "done", "should_checkpoint", "trial_id", "date",
         "hostname", "node_ip", "experiment_tag", "checkpoint_dir_name",
     }

@@ -468,6 +468,7 @@ class Study:
         from nestune.platform.tracking import Tracker, is_local_store
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_stored_settings()
         (self.output_dir / "study.json").write_text(json.dumps(self.settings(), indent=1))
         data = load_data(**self.data_spec)
         labels = {"val": data.val.y.numpy().copy(), "test": data.test.y.numpy().copy()}
@@ -500,6 +501,24 @@ class Study:
         result = self._collect(runs, labels)
         result.save()
         return result
+
+    def _check_stored_settings(self) -> None:
+        """A study continued in its output_dir must keep what its stored members depend on."""
+        stored_file = self.output_dir / "study.json"
+        if not stored_file.is_file():
+            return
+        try:
+            stored = json.loads(stored_file.read_text())
+        except json.JSONDecodeError:
+            return
+        mine = self.settings()
+        for key in ("data", "train", "storage_path"):
+            if key in stored and stored[key] != mine[key]:
+                raise ValueError(
+                    f"{key}: the study in {self.output_dir} was run with {key} = {stored[key]}, "
+                    f"not {mine[key]}; its stored members depend on it. Use a new study name "
+                    "or output_dir for the changed study"
+                )
 
     def _collect(self, runs: list[_RunRecord], labels: Mapping[str, np.ndarray]) -> StudyResult:
         table = pd.DataFrame([r.table_row() for r in runs], columns=TABLE_COLUMNS)

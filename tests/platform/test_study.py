@@ -91,7 +91,8 @@ def _study(out: Path, budget: int, **kw):
     from nestune import Study
 
     kw.setdefault("strategies", ["random", ("test_study_mutants", {"keep_best": True})])
-    return Study("tiny", data="digits", seeds=[0], budget=budget, ensemble_size=2, train=TINY,
+    kw.setdefault("train", TINY)
+    return Study("tiny", data="digits", seeds=[0], budget=budget, ensemble_size=2,
                  data_options=DATA, output_dir=out, verbose=False, **kw)
 
 
@@ -186,6 +187,9 @@ def test_resume_trains_only_what_is_new(base):
     runs = _runs(out)
     assert (runs["tags.nestune.role"] == "parent").sum() == 2  # the parents continued
     assert (runs["tags.nestune.role"] == "trial").sum() == 10
+    # Changed training settings would make the stored members a different study: refused.
+    with pytest.raises(ValueError, match="train"):
+        _study(out, 6, train={**TINY, "epochs": 2}).run()
     # Running it once more with the same budget trains nothing and starts no Tune run.
     third = _study(out, 5).run()
     assert third.members.trial_id.tolist() == result.members.trial_id.tolist()
