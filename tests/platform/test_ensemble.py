@@ -131,6 +131,29 @@ def test_blocked_scoring_matches(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_underflowed_members_and_odd_n_match_brute_force(monkeypatch, grouped):
+    # float16 storage turns tiny probabilities into exact zeros, so the EPS floor decides many
+    # terms; N = 37 is not a multiple of the log-grouping width. Grouped or not, the picks are
+    # the brute force's.
+    import nestune.platform.ensemble as ens
+
+    if not grouped:
+        monkeypatch.setattr(ens, "_GROUP_MAX_SIZE", 0)
+    rng = np.random.default_rng(3)
+    k, n, c = 7, 37, 4
+    labels = rng.integers(0, c, size=n)
+    logits = rng.normal(scale=12.0, size=(k, n, c))
+    pool = np.exp(logits - logits.max(-1, keepdims=True))
+    pool = (pool / pool.sum(-1, keepdims=True)).astype(np.float16)
+    assert (pool[:, np.arange(n), labels] == 0).mean() > 0.2
+    p64 = pool.astype(np.float64)
+    assert forward_select(pool, labels, k) == brute_force_select(p64, labels, k)
+    assert forward_select(pool, labels, 15, replacement=True) == brute_force_select(
+        p64, labels, 15, replacement=True
+    )
+
+
 def test_each_pick_is_the_best_extension_by_public_nll():
     # consistency with the public metric: every step's pick minimises nestune.metrics.nll of
     # ensemble_probs(selection + candidate) over the remaining candidates
