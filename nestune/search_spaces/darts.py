@@ -33,6 +33,8 @@ __all__ = [
     "Genotype",
     "Network",
     "Supernet",
+    "network",
+    "supernet",
 ]
 
 CELLS = ("normal", "reduce")
@@ -246,6 +248,32 @@ class DartsSpace:
             cells.append(pairs)
         concat = range(2, self.nodes + 2)
         return Genotype(cells[0], cells[1], concat, concat)
+
+
+def network(
+    genotype: Genotype,
+    C: int = 16,
+    layers: int = 8,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    drop_path: float = 0.0,
+) -> Network:
+    """The DARTS evaluation network for ``genotype`` in the default 4-node space
+    (``DartsSpace().network``); ``genotype`` may use any op of :data:`PRIMITIVES` but ``none``."""
+    return DartsSpace().network(genotype, C, layers, num_classes, in_channels, drop_path)
+
+
+def supernet(
+    C: int = 8,
+    layers: int = 5,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    ops: Sequence[str] = PRIMITIVES,
+    nodes: int = 4,
+) -> Supernet:
+    """The one-shot network over ``ops`` (``DartsSpace(nodes, ops).supernet``); its ``space``
+    attribute is the space that ``derive()`` returns genotypes of."""
+    return DartsSpace(nodes=nodes, ops=ops).supernet(C, layers, num_classes, in_channels)
 
 
 def _check_sizes(C: int, layers: int, num_classes: int, in_channels: int) -> None:

@@ -13,6 +13,9 @@ from typing import Any
 
 Edge = tuple[str, int]
 
+# The field order of DARTS' namedtuple('Genotype', 'normal normal_concat reduce reduce_concat').
+_FIELD_ORDER = ("normal", "normal_concat", "reduce", "reduce_concat")
+
 
 def _as_pairs(value: Any, name: str) -> tuple[Edge, ...]:
     try:
@@ -117,18 +120,41 @@ class Genotype:
         """Read DARTS' repr, e.g. ``Genotype(normal=[('sep_conv_3x3', 0), ...],
         normal_concat=range(2, 6), reduce=[...], reduce_concat=[2, 3, 4, 5])``.
 
-        Parsed with ``ast`` (no ``eval``); ``range(a, b)`` is the one call allowed.
+        A line copied from ``genotypes.py`` as it stands (``DARTS_V2 = Genotype(...)``, over
+        several lines or one, ``genotypes.Genotype(...)``, positional fields in the
+        namedtuple's order ``normal, normal_concat, reduce, reduce_concat``) reads the same.
+        Parsed with ``ast`` (no ``eval``); ``range(a, b)`` is the one call allowed inside.
         """
+        if not isinstance(text, str):
+            raise ValueError(f"Genotype.parse: expected a str, got {type(text).__name__}")
         try:
-            tree = ast.parse(text.strip(), mode="eval").body
+            body = ast.parse(text.strip(), mode="exec").body
         except SyntaxError as exc:
             raise ValueError(f"Genotype.parse: not a Genotype(...) expression: {exc}") from exc
-        if not (isinstance(tree, ast.Call) and getattr(tree.func, "id", None) == "Genotype"):
+        tree: ast.expr | None = None
+        if len(body) == 1 and isinstance(body[0], ast.Expr):
+            tree = body[0].value
+        elif len(body) == 1 and isinstance(body[0], ast.Assign):
+            tree = body[0].value
+        func = getattr(tree, "func", None)
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        if not (isinstance(tree, ast.Call) and name == "Genotype"):
             raise ValueError("Genotype.parse: expected text of the form Genotype(normal=..., ...)")
-        if tree.args:
-            raise ValueError("Genotype.parse: expected keyword arguments only")
+        if len(tree.args) > len(_FIELD_ORDER):
+            raise ValueError(
+                f"Genotype.parse: expected at most {len(_FIELD_ORDER)} positional fields "
+                f"({', '.join(_FIELD_ORDER)}), got {len(tree.args)}"
+            )
+        if any(isinstance(a, ast.Starred) for a in tree.args) or any(
+            kw.arg is None for kw in tree.keywords
+        ):
+            raise ValueError("Genotype.parse: * and ** arguments are not literals")
         fields: dict[str, Any] = {}
+        for key, node in zip(_FIELD_ORDER, tree.args, strict=False):
+            fields[key] = _literal(node, key)
         for kw in tree.keywords:
+            if kw.arg in fields:
+                raise ValueError(f"Genotype.parse: field {kw.arg!r} given twice")
             fields[kw.arg] = _literal(kw.value, kw.arg)
         return cls.from_dict(fields)
 

@@ -275,3 +275,50 @@ def test_zeroing_an_op_equals_removing_it():
         wn2[:, 4] = 1e-12
         tiny = net(x, (wn2, wr))
     assert torch.allclose(zeroed, tiny, atol=1e-6)
+
+
+def test_reduction_cells_at_one_and_two_thirds():
+    for layers, expected in ((3, [1, 2]), (5, [1, 3]), (8, [2, 5]), (20, [6, 13])):
+        net = SPACE.network(DARTS_V2, C=4, layers=layers, in_channels=1)
+        assert [i for i, c in enumerate(net.cells) if c.reduction] == expected
+        sup = SPACE.supernet(C=4, layers=layers, in_channels=1)
+        assert [i for i, c in enumerate(sup.cells) if c.reduction] == expected
+
+
+def test_one_hot_weights_compute_only_the_genotypes_edges():
+    # Weights that are one-hot on DARTS_V2's edges: every other (edge, op) is exactly zero and
+    # must not run, so each cell computes exactly its genotype's 8 ops.
+    torch.manual_seed(0)
+    net = SPACE.supernet(C=4, layers=3, in_channels=1)
+    calls = {}
+    for c, cell in enumerate(net.cells):
+        for e, mixed in enumerate(cell._ops):
+            for i, op in enumerate(mixed._ops):
+                op.register_forward_hook(
+                    lambda *_, key=(c, e, i): calls.__setitem__(key, calls.get(key, 0) + 1)
+                )
+    wn, wr = SPACE.genotype_weights(DARTS_V2)
+    out = net(torch.randn(2, 1, 8, 8), (wn, wr))
+    assert out.shape == (2, 10)
+    for c, cell in enumerate(net.cells):
+        g = DARTS_V2.reduce if cell.reduction else DARTS_V2.normal
+        expected = {(c, SPACE.edge_index(k // 2, inp), PRIMITIVES.index(op)) for k, (op, inp) in
+                    enumerate(g)}
+        assert {key for key in calls if key[0] == c} == expected
+    assert all(v == 1 for v in calls.values())
+
+
+def test_module_level_network_and_supernet():
+    from nestune.search_spaces import network, supernet
+
+    net = network(DARTS_V2, C=4, layers=3, num_classes=6, in_channels=1)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 6)
+    ops = ("none", "skip_connect", "sep_conv_3x3")
+    sup = supernet(C=4, layers=2, num_classes=3, in_channels=1, ops=ops)
+    assert sup.alpha_normal.shape == (14, 3) and sup.space.ops == ops
+    assert sup(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    g = sup.derive()
+    assert {op for op, _ in g.normal + g.reduce} <= {"skip_connect", "sep_conv_3x3"}
+    sup.space.validate(g)
+    with pytest.raises(ValueError, match="DartsSpace.ops: unknown"):
+        supernet(ops=("conv_9x9",))
