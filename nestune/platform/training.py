@@ -192,6 +192,18 @@ def _as_genotype(genotype: Genotype | str | dict) -> Genotype:
     raise ValueError(f"genotype: expected a Genotype, its JSON or its DARTS repr, got {genotype!r}")
 
 
+def _as_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"train_member.device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train_member.device: {device!r} asked for, but CUDA is not available")
+    return dev
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -218,7 +230,12 @@ def train_member(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"train_member.seed: expected an int, got {seed!r}")
     seed = int(seed)
-    device = torch.device(device)
+    if not isinstance(data, DataBundle):
+        raise ValueError(
+            f"train_member.data: expected a DataBundle (from nestune.platform.data.load_data), "
+            f"got {type(data).__name__}"
+        )
+    device = _as_device(device)
     cuda = device.type == "cuda"
 
     # Seed every RNG the model might use, and give the caller its states back afterwards.

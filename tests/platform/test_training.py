@@ -164,3 +164,42 @@ def test_cuda_paths_are_guarded_on_cpu(small, monkeypatch):
     assert cfg.amp and cfg.channels_last
     train_member(DARTS_V2, small, cfg, seed=0)
     assert calls and all(not enabled for _, enabled in calls)
+
+
+def test_label_smoothing_and_grad_clip_reach_the_step(small, monkeypatch):
+    smoothing, norms = [], []
+    real_ce, real_clip = training_mod.F.cross_entropy, torch.nn.utils.clip_grad_norm_
+
+    def ce(*args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing"))
+        return real_ce(*args, **kwargs)
+
+    def clip(params, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(training_mod.F, "cross_entropy", ce)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    cfg = TrainConfig(C=4, layers=1, epochs=1, batch_size=64, label_smoothing=0.2, grad_clip=3.0)
+    train_member(DARTS_V2, small, cfg, seed=0)
+    assert smoothing and set(smoothing) == {0.2}
+    assert len(norms) == len(smoothing) and set(norms) == {3.0}
+    norms.clear()
+    train_member(DARTS_V2, small, TrainConfig(C=4, layers=1, epochs=1, grad_clip=0.0), seed=0)
+    assert norms == []  # grad_clip=0 turns clipping off
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"data": "digits"}, "train_member.data: expected a DataBundle"),
+        ({"device": "gpu"}, "train_member.device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ({"seed": 1.5}, "train_member.seed: expected an int, got 1.5"),
+        ({"genotype": str(DARTS_V2).replace("sep_conv_3x3", "conv_9x9", 1)},
+         "Genotype.normal[0]: unknown op 'conv_9x9'"),
+    ],
+)
+def test_train_member_rejects_bad_arguments(small, kwargs, message):
+    args = {"genotype": DARTS_V2, "data": small, "config": TINY, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_member(**args)
