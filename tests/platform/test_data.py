@@ -139,9 +139,13 @@ def test_imagefolder_grayscale_and_32x32_rgb(tmp_path):
 def test_cifar_name_accepts_an_imagefolder_tree(tmp_path):
     # what `unpack.py DEST` of the offline JPEG copy writes: DEST/train/<class>/, DEST/test/<class>/
     _write_tree(tmp_path / "jpeg", classes=("airplane", "automobile"), n_train=3, n_test=2, size=(32, 32))
-    b = load_data("cifar10", root=tmp_path / "jpeg", cache=False)
+    b = load_data("cifar10", root=tmp_path / "jpeg", cache_dir=tmp_path / "c")
     assert b.name == "cifar10" and b.shape == (3, 32, 32) and b.augment is True
     assert b.classes == ("airplane", "automobile")
+    # one decoded copy of the tree, whichever name loads it
+    again = load_data("imagefolder", root=tmp_path / "jpeg", cache_dir=tmp_path / "c")
+    assert again.cache_hit and again.cache_file == b.cache_file
+    assert torch.equal(again.test.x, b.test.x)
 
 
 def test_imagefolder_size_mismatch_names_file(tmp_path):
