@@ -214,6 +214,24 @@ def test_fashion_mnist_idx_files(tmp_path):
     assert load_data("fashion_mnist", root=tmp_path, cache_dir=tmp_path / "c").cache_hit
 
 
+def test_fashion_mnist_from_debian_location(tmp_path, monkeypatch):
+    # Debian's dataset-fashion-mnist: the four .gz files flat in /usr/share/datasets/fashion-mnist,
+    # read when no root is given.
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    debian.mkdir()
+    rng = np.random.default_rng(1)
+    x_tr, x_te = rng.integers(0, 256, (30, 28, 28)), rng.integers(0, 256, (10, 28, 28))
+    _write_idx(debian / "train-images-idx3-ubyte.gz", x_tr)
+    _write_idx(debian / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
+    _write_idx(debian / "t10k-images-idx3-ubyte.gz", x_te)
+    _write_idx(debian / "t10k-labels-idx1-ubyte.gz", np.arange(10))
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setenv("NESTUNE_DATA_DIR", str(tmp_path / "empty"))
+    b = load_data("fashion_mnist", cache=False)
+    assert b.source == str(debian) and b.classes[0] == "T-shirt/top"
+    assert len(b.train) + len(b.val) == 30 and torch.equal(b.test.y, torch.arange(10))
+
+
 def test_cifar10_torchvision_format(tmp_path):
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
