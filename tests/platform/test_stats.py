@@ -59,23 +59,43 @@ def test_anytime_auc_clips_every_run_to_the_shortest_run():
         ("a", 0): [(1.0, 2.0), (2.0, 1.0), (10.0, 0.1)],  # long run: clipped at 3
         ("b", 0): [(0.5, 3.0), (3.0, 2.0)],               # shortest final time: 3
     })
-    auc = S.anytime_auc(curves, "nll")
+    auc = S.anytime_auc(curves, "nll", horizon="shortest")
     assert set(auc["end"]) == {3.0}
     assert set(auc["start"]) == {1.0}  # latest first finish: a's at 1.0
+    assert auc.set_index("strategy")["final"].to_dict() == {"a": 10.0, "b": 3.0}
     a = auc.set_index("strategy").loc["a", "auc"]
     b = auc.set_index("strategy").loc["b", "auc"]
     assert a == pytest.approx(1 * 2.0 + 1 * 1.0)
     assert b == pytest.approx(2 * 3.0)  # b is 3.0 until its point at 3.0 = the end
     # with an initial value the window starts at 0 and a slow start costs
-    auc0 = S.anytime_auc(curves, "nll", initial=5.0).set_index("strategy")["auc"]
+    auc0 = S.anytime_auc(curves, "nll", initial=5.0, horizon="shortest").set_index("strategy")["auc"]
     assert auc0["a"] == pytest.approx(5.0 + 2.0 + 1.0)
     assert auc0["b"] == pytest.approx(0.5 * 5.0 + 2.5 * 3.0)
     # normalised = time-average over the window
-    n = S.anytime_auc(curves, "nll", initial=5.0, normalize=True).set_index("strategy")["auc"]
+    n = S.anytime_auc(curves, "nll", initial=5.0, normalize=True,
+                      horizon="shortest").set_index("strategy")["auc"]
     assert n["a"] == pytest.approx(8.0 / 3.0)
     # an explicit horizon
     h = S.anytime_auc(curves, "error", horizon=2.0).set_index("strategy")["auc"]
     assert h["a"] == pytest.approx(0.2)
+
+
+def test_anytime_auc_by_default_runs_to_the_longest_run_holding_final_ensembles():
+    curves = _curves({
+        ("a", 0): [(1.0, 2.0), (2.0, 1.0), (10.0, 0.1)],
+        ("b", 0): [(0.5, 3.0), (3.0, 2.0)],  # ends at 3, then holds 2.0 up to 10
+    })
+    auc = S.anytime_auc(curves, "nll", initial=5.0).set_index("strategy")
+    assert set(auc["end"]) == {10.0} and set(auc["start"]) == {0.0}
+    assert auc.loc["a", "auc"] == pytest.approx(1 * 5.0 + 1 * 2.0 + 8 * 1.0)
+    assert auc.loc["b", "auc"] == pytest.approx(0.5 * 5.0 + 2.5 * 3.0 + 7 * 2.0)
+    # the same with the linear rule: b is flat after its last point
+    lin = S.anytime_auc(curves, "nll", initial=5.0, method="linear").set_index("strategy")
+    assert lin.loc["b", "auc"] == pytest.approx(0.5 * 5.0 + 2.5 * 2.5 + 7 * 2.0)
+    assert S.common_window(curves) == S.common_window(curves, horizon=None) == (1.0, 10.0)
+    for bad in ("median", -1.0, math.nan, True):
+        with pytest.raises(ValueError, match="horizon"):
+            S.common_window(curves, horizon=bad)
 
 
 def test_anytime_auc_with_an_empty_window_is_nan_not_an_error():
