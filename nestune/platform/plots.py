@@ -131,16 +131,29 @@ def _legend(ax: Axes) -> None:
         ax.legend(fontsize=8, framealpha=0.85)
 
 
+def _figure_legend(fig: Figure, axes: Iterable[Axes]) -> None:
+    """One legend for the whole figure, outside the panels on the right, so it never hides a
+    curve; entries are collected from every panel once each, in drawing order."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8.5,
+                   frameon=False)
+
+
 # ----------------------------------------------------------------------------- anytime curves
 
 
 def _seed_band(curves: pd.DataFrame, metric: str, time: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and std over seeds of one strategy's step curves on the union of its finish times,
-    from the time every seed has an ensemble to its shortest seed's last finish, so every point
-    is an average over all seeds (a seed joining late would make the mean jump)."""
+    from the time every seed has an ensemble (a seed joining late would make the mean jump) to
+    its longest seed's last finish, a seed that ended earlier holding its final ensemble as it
+    does in the AUC, so the last point is the mean of the final ensembles."""
     runs = [g.sort_values(time, kind="stable") for _, g in curves.groupby("seed", sort=True)]
     start = max(float(r[time].min()) for r in runs)
-    end = min(float(r[time].max()) for r in runs)
+    end = max(float(r[time].max()) for r in runs)
     grid = np.unique(np.concatenate([r[time].to_numpy(dtype=float) for r in runs]))
     grid = grid[(grid >= start) & (grid <= end)]
     vals = np.full((len(runs), len(grid)), np.nan)
@@ -170,13 +183,19 @@ def plot_anytime(
     """Ensemble test metric against cumulative device-hours, one panel per metric: for each
     strategy the mean over seeds of the step curves (the ensemble at ``t`` is the last one
     finished by ``t``) with a band of ± one std over seeds, from the time all its seeds have an
-    ensemble up to its shortest seed's end.
-    ``horizon`` (device-hours) draws the common AUC horizon as a dashed line."""
+    ensemble up to its longest seed's end (a seed that ended earlier holds its final ensemble).
+    A small marker is a finished member, a large one the
+    run's final ensemble, and a dotted line holds that final value to the right edge, so a run
+    with one point or one that ended early still shows where it stands.
+    ``horizon`` (device-hours) draws the end of the common AUC window as a dashed line."""
     _require(curves, ["strategy", "seed", time, *metrics], "curves")
     if curves.empty:
         raise ValueError("curves: expected at least one point, got an empty DataFrame")
-    factor, unit = time_unit(float(curves[time].max()))
-    fig, axes = _new_figure(len(metrics))
+    right = float(curves[time].max())
+    if horizon is not None and np.isfinite(horizon):
+        right = max(right, float(horizon))
+    factor, unit = time_unit(right)
+    fig, axes = _new_figure(len(metrics), width=4.8, height=3.8)
     for ax, metric in zip(axes[0], metrics, strict=True):
         label, scale = _metric_label(metric)
         for name in _order(curves["strategy"], order):
@@ -185,19 +204,26 @@ def plot_anytime(
             if grid.size == 0:
                 continue
             x = grid * factor
+            y = mean * scale
             n_seeds = sub["seed"].nunique()
-            c = color_for(name)
-            ax.plot(x, mean * scale, drawstyle="steps-post", color=c, lw=1.8,
+            c, mk = color_for(name), _marker_for(name)
+            ax.plot(x, y, drawstyle="steps-post", color=c, lw=1.8, marker=mk, ms=3.5,
                     label=f"{name} (n={n_seeds})")
-            ax.fill_between(x, (mean - std) * scale, (mean + std) * scale, step="post", color=c,
-                            alpha=0.18, lw=0)
+            if n_seeds > 1:
+                ax.fill_between(x, (mean - std) * scale, (mean + std) * scale, step="post",
+                                color=c, alpha=0.18, lw=0)
+            ax.plot([x[-1]], [y[-1]], marker=mk, ms=8, color=c, mec="black", mew=0.6, ls="none",
+                    zorder=4)
+            if x[-1] < right * factor:
+                ax.plot([x[-1], right * factor], [y[-1], y[-1]], color=c, lw=1.0, ls=":", alpha=0.9)
         if horizon is not None and np.isfinite(horizon):
-            ax.axvline(horizon * factor, color="k", ls="--", lw=0.8, label="AUC horizon")
+            ax.axvline(horizon * factor, color="k", ls="--", lw=0.8, label="end of AUC window")
         ax.set_xlabel(f"cumulative {unit} (searches included)")
         ax.set_ylabel(f"ensemble {label}")
-        ax.set_title(f"ensemble {label.split(' (')[0]} vs compute")
+        ax.set_title(f"ensemble {label.split(' (')[0]} vs compute", fontsize=10.5)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        _legend(ax)
+    _figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -213,9 +239,11 @@ def plot_ensemble_size(
     *,
     order: Sequence[str] | None = None,
     title: str | None = None,
+    mark: int | None = None,
 ) -> Path:
     """Ensemble test metric against ensemble size M (ForwardSelect's first M picks), mean ± std
-    over seeds per strategy. ``sizes`` has ``strategy``, ``seed``, ``size`` and the metrics."""
+    over seeds per strategy. ``sizes`` has ``strategy``, ``seed``, ``size`` and the metrics;
+    ``mark`` (the study's ensemble size) is drawn as a dashed line."""
     _require(sizes, ["strategy", "seed", "size", *metrics], "sizes")
     fig, axes = _new_figure(len(metrics))
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -229,12 +257,14 @@ def plot_ensemble_size(
             ax.plot(m.index, m * scale, marker=_marker_for(name), ms=4, color=c, lw=1.8,
                     label=f"{name} (n={sub['seed'].nunique()})")
             ax.fill_between(m.index, (m - s) * scale, (m + s) * scale, color=c, alpha=0.18, lw=0)
+        if mark is not None:
+            ax.axvline(mark, color="k", ls="--", lw=0.8, label=f"study's M = {mark}")
         ax.set_xlabel("ensemble size M (members, ForwardSelect order)")
         ax.set_ylabel(f"ensemble {label}")
         ax.set_title(f"ensemble {label.split(' (')[0]} vs ensemble size")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        _legend(ax)
+    _figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -268,7 +298,7 @@ def plot_shift(
         ax.set_title(f"{label.split(' (')[0]} under shift (mean over corruptions)", fontsize=10)
         ax.set_xticks(range(6))
         ax.grid(alpha=0.3)
-        _legend(ax)
+    _figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -307,8 +337,7 @@ def plot_shift_by_corruption(
             ax.set_xlabel("severity", fontsize=9)
     for j in range(len(corruptions), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    _figure_legend(fig, [ax for row in axes for ax in row])
     fig.suptitle(title or f"ensemble {label} per corruption")
     return _save(fig, path)
 

@@ -126,3 +126,26 @@ def test_genotype_drawing_of_random_genotypes_and_bad_input(tmp_path):
 def test_plots_do_not_touch_pyplot():
     # The report runs in notebooks and Ray workers: no global backend switch, no open figures.
     assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+def test_anytime_plot_shows_a_one_point_run_and_final_values(tmp_path, monkeypatch):
+    # darts has one finished ensemble: a step curve of one point draws no line, so the run must
+    # still show up (its marker and the dotted hold of its final value)
+    c = pd.concat([_curves(("random",), seeds=1),
+                   pd.DataFrame([{"strategy": "darts", "seed": 0, "members": 1, "device_hours": 0.05,
+                                  "nll": 0.7, "error": 0.1}])], ignore_index=True)
+    figs = []
+    save = P._save
+    monkeypatch.setattr(P, "_save", lambda fig, path: figs.append(fig) or save(fig, path))
+    path = P.plot_anytime(c, tmp_path / "one.png", horizon=float(c.device_hours.max()))
+    assert _has_color(path, P.STRATEGY_COLORS["darts"])
+    fig = figs[0]
+    for ax in fig.axes:
+        drawn = [ln for ln in ax.lines if to_rgb(ln.get_color()) == to_rgb(P.STRATEGY_COLORS["darts"])]
+        assert any(ln.get_marker() not in (None, "None", "") or len(ln.get_xdata()) >= 2 for ln in drawn)
+    # one legend for the figure, outside the panels, so no panel's curves sit under it
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["random (n=1)", "darts (n=1)", "end of AUC window"]
+    for ax in fig.axes:
+        assert "device-" in ax.get_xlabel() and ax.get_ylabel()
