@@ -63,6 +63,7 @@ __all__ = [
     "SHIFT_DEFAULT",
     "SEVERITIES",
     "SHIFT_FILE",
+    "SHIFT_VAL_FILE",
     "corrupt",
     "denormalise",
     "normalise",
@@ -71,6 +72,7 @@ __all__ = [
     "predict_shifted",
     "save_shifted",
     "load_shifted",
+    "store_shifted",
     "shift_metrics",
     "forward_select_shifted",
     "severity_summary",
@@ -93,8 +95,14 @@ SHIFT_DEFAULT: list[str] = list(CORRUPTIONS)
 #: The shifted severities predicted by default (severity 0 is the clean test split, stored anyway).
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
-#: File, next to a member's ``test_probs.npy``, holding its predictions on shifted data.
+#: File, next to a member's ``test_probs.npy``, holding its predictions on shifted test data.
 SHIFT_FILE = "shifted_test_probs.npz"
+
+#: File, next to a member's ``val_probs.npy``, holding its predictions on shifted validation
+#: data, for ForwardSelect on a shifted validation split (NES).
+SHIFT_VAL_FILE = "shifted_val_probs.npz"
+
+_FILES = {"test": SHIFT_FILE, "val": SHIFT_VAL_FILE}
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -263,7 +271,10 @@ def shifted_split(
     n = _check_subset(subset, len(src))
     x = denormalise(src.x[:n].detach().to("cpu", torch.float32), data.mean, data.std)
     # Float error in the normalisation round trip leaves values a hair outside [0, 1].
-    x = corrupt(x.clamp_(0, 1), name, severity, seed)
+    # The validation (or train) copy gets its own noise streams: with the test split's, image i
+    # of both would carry the same noise.
+    cseed = seed if split == "test" else _derived_seed(seed, f"split:{split}", 0)
+    x = corrupt(x.clamp_(0, 1), name, severity, cseed)
     return Split(normalise(x, data.mean, data.std), src.y[:n].clone())
 
 
@@ -326,9 +337,16 @@ def _key(name: str, severity: int) -> str:
     return f"{name}@{int(severity)}"
 
 
-def save_shifted(directory: str | Path, probs: Mapping[tuple[str, int], Any]) -> Path:
-    """Store ``{(name, severity): (N, C) probs}`` as float16 in ``directory/SHIFT_FILE``."""
-    path = Path(directory) / SHIFT_FILE
+def _file(split: str) -> str:
+    if split not in _FILES:
+        raise ValueError(f"split: expected 'test' or 'val', got {split!r}")
+    return _FILES[split]
+
+
+def save_shifted(directory: str | Path, probs: Mapping[tuple[str, int], Any], split: str = "test") -> Path:
+    """Store ``{(name, severity): (N, C) probs}`` as float16 in ``directory`` (:data:`SHIFT_FILE`
+    for the test split, :data:`SHIFT_VAL_FILE` for the validation split)."""
+    path = Path(directory) / _file(split)
     arrays = {}
     for (name, sev), p in probs.items():
         _check_corruption(name, sev)
@@ -343,9 +361,9 @@ def save_shifted(directory: str | Path, probs: Mapping[tuple[str, int], Any]) ->
     return path
 
 
-def load_shifted(directory: str | Path) -> dict[tuple[str, int], np.ndarray]:
+def load_shifted(directory: str | Path, split: str = "test") -> dict[tuple[str, int], np.ndarray]:
     """The shifted predictions stored by :func:`save_shifted` (empty if there are none)."""
-    path = Path(directory) / SHIFT_FILE
+    path = Path(directory) / _file(split)
     if not path.is_file():
         return {}
     out = {}
@@ -354,6 +372,46 @@ def load_shifted(directory: str | Path) -> dict[tuple[str, int], np.ndarray]:
             name, _, sev = k.rpartition("@")
             out[(name, int(sev))] = z[k]
     return out
+
+
+def store_shifted(
+    model: torch.nn.Module,
+    data: DataBundle,
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    corruptions: Iterable[str] = tuple(SHIFT_DEFAULT),
+    severities: Iterable[int] = SEVERITIES,
+    seed: int = 0,
+    *,
+    subset: int | None = None,
+    val_corruptions: Iterable[str] | None = None,
+    val_subset: int | None = None,
+    sets: Mapping[tuple[str, int], Split] | None = None,
+    val_sets: Mapping[tuple[str, int], Split] | None = None,
+    **predict_kwargs: Any,
+) -> list[Path]:
+    """Everything the report needs to score a trained member under shift, in one call: its
+    probabilities on the corrupted test split (:data:`SHIFT_FILE`) and, with
+    ``val_corruptions``, on the corrupted validation split (:data:`SHIFT_VAL_FILE`) for
+    ForwardSelect on shifted validation data. NES selects on corruptions other than those it
+    tests on; pass a disjoint ``val_corruptions`` to do the same. ``sets`` / ``val_sets`` are
+    precomputed :func:`shifted_sets` of the same seed and subset, shared by the members of one
+    process. Returns the paths written."""
+    corruptions, severities = list(corruptions), [int(s) for s in severities]
+    for name in corruptions:
+        for sev in severities:
+            _check_corruption(name, sev)
+    test = predict_shifted(model, data, device, corruptions, severities, seed, split="test",
+                           subset=subset, sets=sets, **predict_kwargs)
+    paths = [save_shifted(directory, test, "test")]
+    if val_corruptions is not None:
+        val_corruptions = list(val_corruptions)
+        if not val_corruptions:
+            raise ValueError("val_corruptions: expected None or at least one corruption, got none")
+        val = predict_shifted(model, data, device, val_corruptions, severities, seed, split="val",
+                              subset=val_subset, sets=val_sets, **predict_kwargs)
+        paths.append(save_shifted(directory, val, "val"))
+    return paths
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -202,3 +202,45 @@ def test_severity_summary_averages_corruptions_then_seeds():
 def test_split_class_is_what_predict_expects(digits):
     s = S.shifted_split(digits, "brightness", 2, subset=10)
     assert isinstance(s, Split) and s.x.dtype == torch.float32
+
+
+def test_store_shifted_writes_test_and_shifted_validation_predictions(digits, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    paths = S.store_shifted(model, digits, tmp_path, "cpu", ["jpeg", "gaussian_noise"], [2, 5], seed=3,
+                            subset=60, val_corruptions=["contrast"], val_subset=40)
+    assert [p.name for p in paths] == [S.SHIFT_FILE, S.SHIFT_VAL_FILE]
+    test = S.load_shifted(tmp_path)
+    val = S.load_shifted(tmp_path, "val")
+    assert set(test) == {("jpeg", 2), ("jpeg", 5), ("gaussian_noise", 2), ("gaussian_noise", 5)}
+    assert set(val) == {("contrast", 2), ("contrast", 5)}
+    assert test[("jpeg", 5)].shape == (60, 10) and val[("contrast", 5)].shape == (40, 10)
+    ref = S.predict_shifted(model, digits, "cpu", ["gaussian_noise"], [5], seed=3, subset=60)
+    np.testing.assert_array_equal(test[("gaussian_noise", 5)], ref[("gaussian_noise", 5)])
+    # only the test file without val_corruptions; bad names are refused before any work
+    other = tmp_path / "plain"
+    assert [p.name for p in S.store_shifted(model, digits, other, corruptions=["jpeg"], severities=[1],
+                                            subset=10)] == [S.SHIFT_FILE]
+    assert S.load_shifted(other, "val") == {}
+    with pytest.raises(ValueError, match="name"):
+        S.store_shifted(model, digits, other, corruptions=["fog"])
+    with pytest.raises(ValueError, match="val_corruptions"):
+        S.store_shifted(model, digits, other, corruptions=["jpeg"], severities=[1], subset=10,
+                        val_corruptions=[])
+    with pytest.raises(ValueError, match="split"):
+        S.load_shifted(other, "train")
+
+
+def test_the_validation_copy_has_its_own_noise(digits):
+    # same seed, same corruption: the val and test noise must not be the same draws
+    t = S.shifted_split(digits, "gaussian_noise", 5, seed=0, subset=50)
+    v = S.shifted_split(digits, "gaussian_noise", 5, seed=0, split="val", subset=50)
+    raw = [S.denormalise(a, digits.mean, digits.std) for a in (t.x, v.x, digits.test.x[:50],
+                                                               digits.val.x[:50])]
+    # compare where neither copy was clipped: there identical streams would give equal noise
+    inside = (raw[0] > 1e-3) & (raw[0] < 1 - 1e-3) & (raw[1] > 1e-3) & (raw[1] < 1 - 1e-3)
+    assert int(inside.sum()) > 100
+    t_noise, v_noise = (raw[0] - raw[2])[inside], (raw[1] - raw[3])[inside]
+    assert float((t_noise - v_noise).abs().mean()) > 0.05
+    again = S.shifted_split(digits, "gaussian_noise", 5, seed=0, split="val", subset=50)
+    assert torch.equal(v.x, again.x)
