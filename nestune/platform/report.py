@@ -185,7 +185,8 @@ def write_report(
     tracking_uri: str | None = None,
     max_size: int | None = None,
     max_genotypes: int = 3,
-    horizon: float | None = None,
+    horizon: S.Horizon = "longest",
+    shift_select: str = "val",
 ) -> Path:
     """Write the study's report (see the module docstring); returns the path of report.md.
 
@@ -199,9 +200,16 @@ def write_report(
         max_size: largest M of the ensemble-size curves (default max(10, 2 x ensemble size),
             capped by the pool).
         max_genotypes: how many of the best ensemble's genotypes to draw.
-        horizon: end of the common AUC window in device-hours (default: the shortest run's
-            final device-hours, so no run is extrapolated).
+        horizon: end of the common AUC window: "longest" (default: the longest run's final
+            device-hours, a run that ended earlier holding its final ensemble), "shortest"
+            (every run clipped at the shortest run's end) or device-hours.
+        shift_select: which ensembles the shift section plots and tabulates: "val" (default,
+            the study's own, selected on clean validation data) or "shifted_val" (ForwardSelect
+            on the members' stored shifted validation predictions, as in NES). shift.csv holds
+            both when both are there.
     """
+    if shift_select not in ("val", "shifted_val"):
+        raise ValueError(f"shift_select: expected 'val' or 'shifted_val', got {shift_select!r}")
     result = _load(study)
     out = Path(result.output_dir)
     rdir = out / REPORT_DIR
@@ -246,44 +254,59 @@ def write_report(
             init = S.uniform_value(metric, num_classes)
             auc = S.anytime_auc(curves, metric, initial=init, horizon=horizon)
             auc.insert(2, "metric", metric)
+            auc.insert(4, "auc_mean", auc["auc"] / (auc["end"] - auc["start"]))
             auc_frames.append(auc)
             if metric == "nll":
                 for _, r in auc[auc["points"] == 0].iterrows():
                     notes.append(
                         f"{r['strategy']} seed {r['seed']}: no ensemble finished inside the common "
                         f"AUC window (0 to {r['end']:.4g} h), so its AUC is the uniform predictor's; "
-                        "pass horizon=... to compare over a longer window"
+                        "a longer horizon compares more"
                     )
         auc_all = pd.concat(auc_frames, ignore_index=True)
         auc_all.to_csv(rdir / "auc.csv", index=False)
-        given, horizon = horizon, float(auc_all["end"].iloc[0])
-        figures.append(P.plot_anytime(curves, rdir / "anytime.png", order=order, horizon=horizon,
+        end = float(auc_all["end"].iloc[0])
+        figures.append(P.plot_anytime(curves, rdir / "anytime.png", order=order, horizon=end,
                                       title=f"{name}: ensemble quality vs compute"))
-        window = (f"the shortest run's final device-hours ({horizon:.4g} h), every run clipped there"
-                  if given is None else
-                  f"{horizon:.4g} h (given; a run that ended earlier keeps its last ensemble)")
+        if horizon == "shortest":
+            window = f"the shortest run's final cost ({_hours(end)}), every run clipped there"
+        elif isinstance(horizon, str) or horizon is None:
+            window = (f"the longest run's final cost ({_hours(end)}); a run that ended earlier "
+                      "keeps its final ensemble from then on (dotted in the plot)")
+        else:
+            window = f"{_hours(end)} (given; a run that ended earlier keeps its final ensemble)"
+        ended = auc_all[(auc_all.metric == "nll") & (auc_all["final"] < end * (1 - 1e-9))]
         md.append(
             "Ensemble test NLL and error against cumulative device-hours (searches included), "
-            "mean ± std over seeds. The area under each curve (AUC, metric × device-hours; "
-            "lower is better) is taken over a common window for all runs: from 0 to "
-            f"{window}. A run "
-            "is a step function (the ensemble at t is the last one finished by t) and is worth "
-            f"the uniform predictor's value (NLL ln {num_classes} = {math.log(num_classes):.3f}, "
-            f"error {100 * (1 - 1 / num_classes):.1f} %) until its first ensemble, so a slow "
-            "start costs. [auc.csv](report/auc.csv)\n")
+            "mean ± std over seeds; each marker is a finished member, a large marker the run's "
+            "final ensemble. The area under each curve is taken over one window for all runs, "
+            f"from 0 to {window}. A run is a step function (the ensemble at t is the last one "
+            "finished by t) and is worth the uniform predictor's value "
+            f"(NLL ln {num_classes} = {math.log(num_classes):.3f}, error "
+            f"{100 * (1 - 1 / num_classes):.1f} %) until its first ensemble, so a slow start "
+            "costs. **AUC** is metric × device-hours (lower is better; the seeds' unit); "
+            "**mean** is AUC divided by the window's length, the time-averaged metric on its "
+            "own scale. [auc.csv](report/auc.csv)\n")
+        if horizon != "shortest" and not ended.empty:
+            md.append(f"{ended['strategy'].nunique()} of {auc_all['strategy'].nunique()} "
+                      "strategies ended before the window's end in some seed and are held at "
+                      "their final ensemble; pass `horizon=\"shortest\"` to compare only over "
+                      "the time every run was still running.\n")
         md.append("![anytime curves](report/anytime.png)\n")
         rows = []
         for label in order:
-            row = {"strategy": label}
+            row: dict[str, Any] = {"strategy": label}
+            n_seeds = 0
             for metric in ("nll", "error"):
-                a = auc_all[(auc_all.metric == metric) & (auc_all.strategy == label)]["auc"].to_numpy(float)
-                a = a[np.isfinite(a)]
-                m = float(np.mean(a)) if a.size else math.nan
-                s = float(np.std(a, ddof=1)) if a.size >= 2 else math.nan
-                row[f"AUC {'NLL' if metric == 'nll' else metric}"] = (
-                    "–" if not np.isfinite(m) else f"{m:.4g}" + (f" ± {s:.2g}" if np.isfinite(s) else "")
-                )
-            row["seeds"] = int(a.size)
+                sub = auc_all[(auc_all.metric == metric) & (auc_all.strategy == label)]
+                scale = 1.0 if metric == "nll" else 100.0
+                unit = "nats × h" if metric == "nll" else "% × h"
+                mname = "NLL" if metric == "nll" else "error"
+                row[f"AUC {mname} ({unit})"] = _mean_std(sub["auc"].to_numpy(float) * scale)
+                row[f"mean {mname} ({'nats' if metric == 'nll' else '%'})"] = _mean_std(
+                    sub["auc_mean"].to_numpy(float) * scale)
+                n_seeds = int(np.isfinite(sub["auc"].to_numpy(float)).sum())
+            row["seeds"] = n_seeds
             rows.append(row)
         md.append(_md_table(pd.DataFrame(rows)) + "\n")
     else:
@@ -295,9 +318,6 @@ def write_report(
     test_name = {False: "Welch's t-test", True: "the paired t-test (over shared seeds)",
                  "auto": "the paired t-test when two strategies ran the same seeds, Welch's "
                  "t-test otherwise"}[paired]
-    md.append(f"Two-sided p-values for every pair of strategies, by {test_name}, over seeds. "
-              "– : not computable (fewer than 2 seeds per side, or no variance). "
-              "[pvalues.csv](report/pvalues.csv) has the test, the means and the reason for each.\n")
     quantities: list[tuple[str, pd.DataFrame, str]] = []
     for auc in auc_frames:
         metric = auc["metric"].iloc[0]
@@ -305,8 +325,16 @@ def write_report(
     quantities.append(("final ensemble test accuracy", table, "accuracy"))
     quantities.append(("final ensemble test NLL", table, "nll"))
     max_seeds = int(table.groupby("strategy")["seed"].nunique().max()) if not table.empty else 0
-    if max_seeds < 2:
-        md.append("One seed per strategy: no p-values (run the study with two or more seeds).\n")
+    if max_seeds >= 2 and len(order) >= 2:
+        md.append(f"Two-sided p-values for every pair of strategies, by {test_name}, over seeds. "
+                  "– : not computable (fewer than 2 seeds per side, or no variance). "
+                  "[pvalues.csv](report/pvalues.csv) has the test, the means and the reason for "
+                  "each.\n")
+    elif max_seeds < 2:
+        md.append("One seed per strategy: no p-values, since a t-test needs at least two seeds "
+                  "per strategy, and no ± in the tables. Every difference above is between "
+                  "single runs and may be seed noise; run the study with several seeds (three or "
+                  "more for a useful test) before concluding that one strategy beats another.\n")
     for title, df, col in quantities:
         if len(order) < 2 or max_seeds < 2:
             break
@@ -343,17 +371,14 @@ def write_report(
             size_frames.append(curve)
             select = _selector(label, seed, settings, y_val, ens_size, notes)
             chosen = [int(i) for i in select(val, y_val, ens_size)]
-            shifted = [SH.load_shifted(rows.loc[i, "path"]) for i in chosen]
-            if shifted and all(shifted):
-                keys = set(shifted[0])
-                for s in shifted[1:]:
-                    keys &= set(s)
-                if keys:
-                    stacked = {k: np.stack([s[k] for s in shifted]) for k in sorted(keys)}
-                    sm = SH.shift_metrics(stacked, y_test, clean=test[chosen])
-                    sm.insert(0, "seed", seed)
-                    sm.insert(0, "strategy", label)
-                    shift_frames.append(sm)
+            sm = _shift_rows(rows, chosen, test, y_val, y_test, ens_size)
+            if sm is not None:
+                sm.insert(0, "seed", seed)
+                sm.insert(0, "strategy", label)
+                shift_frames.append(sm)
+            elif (rows["path"].map(lambda p: (Path(p) / SH.SHIFT_FILE).is_file())).any():
+                notes.append(f"{label} seed {seed}: not scored under shift (some chosen members "
+                             "have no shifted test predictions, or none in common)")
             score = float(run["nll"]) if np.isfinite(run.get("nll", np.nan)) else math.inf
             if best is None or score < best[0]:
                 best = (score, label, seed, [rows.loc[i, "genotype"] for i in chosen])
@@ -362,7 +387,7 @@ def write_report(
         sizes = pd.concat(size_frames, ignore_index=True)
         sizes.to_csv(rdir / "ensemble_size.csv", index=False)
         figures.append(P.plot_ensemble_size(sizes, rdir / "ensemble_size.png", order=order,
-                                            title=f"{name}: ensemble size"))
+                                            title=f"{name}: ensemble size", mark=ens_size))
         md.append("## Ensemble size\n")
         md.append("Test metrics of the ensemble of the first M members ForwardSelect picks from "
                   "each final pool on the validation split, mean ± std over seeds. "
@@ -380,27 +405,55 @@ def write_report(
     if shift_frames:
         shifted_df = pd.concat(shift_frames, ignore_index=True)
         shifted_df.to_csv(rdir / "shift.csv", index=False)
-        sev = SH.severity_summary(shifted_df)
+        selections = list(dict.fromkeys(shifted_df["selection"]))
+        shown = shift_select if shift_select in selections else "val"
+        if shift_select not in selections:
+            notes.append("shift_select='shifted_val': no pool stored shifted validation "
+                         f"predictions ({SH.SHIFT_VAL_FILE}), so ensembles are selected on the "
+                         "clean validation split")
+        view = shifted_df[shifted_df["selection"] == shown]
+        sev = SH.severity_summary(shifted_df, by=("strategy", "selection"))
         sev.to_csv(rdir / "shift_summary.csv", index=False)
-        figures.append(P.plot_shift(sev, rdir / "shift.png", order=order))
-        figures.append(P.plot_shift_by_corruption(shifted_df, rdir / "shift_by_corruption.png",
+        sev_shown = sev[sev["selection"] == shown]
+        how = ("selected by the strategy's own rule on the clean validation split (the study's "
+               "final ensembles)" if shown == "val" else
+               "selected by ForwardSelect on the shifted validation split, as in NES")
+        figures.append(P.plot_shift(sev_shown, rdir / "shift.png", order=order,
+                                    title=f"{name}: ensembles under dataset shift"))
+        figures.append(P.plot_shift_by_corruption(view, rdir / "shift_by_corruption.png",
                                                   order=order))
-        corrs = ", ".join(dict.fromkeys(shifted_df["corruption"]))
-        md.append(f"Final ensembles on CIFAR-10-C-style corruptions ({corrs}) of the test split, "
-                  "severity 0 = clean (the same images), averaged over corruptions, ± std over "
-                  "seeds. [shift.csv](report/shift.csv), "
-                  "[shift_summary.csv](report/shift_summary.csv)\n")
+        corrs = ", ".join(c.replace("_", " ") for c in dict.fromkeys(view["corruption"]))
+        sevs = ", ".join(str(int(v)) for v in sorted(set(view["severity"]) - {0}))
+        md.append(f"Ensembles of size {ens_size}, {how}, on CIFAR-10-C-style corruptions "
+                  f"({corrs}) of the test split at severities {sevs} (Hendrycks & Dietterich's "
+                  "CIFAR parameters, generated from a seed); severity 0 is the clean test split. "
+                  "Averaged over corruptions, ± std over seeds. "
+                  "[shift.csv](report/shift.csv), [shift_summary.csv](report/shift_summary.csv)\n")
         md.append("![shift](report/shift.png)\n")
         md.append("![shift per corruption](report/shift_by_corruption.png)\n")
-        piv = sev.pivot(index="strategy", columns="severity", values="nll_mean")
-        piv = piv.reindex([o for o in order if o in piv.index])
-        piv.columns = [f"sev {c}" for c in piv.columns]
-        md.append("Mean test NLL by severity:\n")
-        md.append(_md_table(piv, index=True) + "\n")
+        for metric, title in (("nll", "test NLL"), ("error", "test error (%)"), ("ece", "test ECE (%)")):
+            k = 1.0 if metric == "nll" else 100.0
+            piv = sev_shown.pivot(index="strategy", columns="severity", values=f"{metric}_mean") * k
+            piv = piv.reindex([o for o in order if o in piv.index])
+            piv.columns = [f"sev {c}" for c in piv.columns]
+            md.append(f"Mean {title} by severity:\n")
+            md.append(_md_table(piv, digits=4 if metric == "nll" else 2, index=True) + "\n")
+        if len(selections) > 1:
+            a = sev[sev["selection"] == "val"].set_index(["strategy", "severity"])["nll_mean"]
+            b = sev[sev["selection"] == "shifted_val"].set_index(["strategy", "severity"])["nll_mean"]
+            diff = (b - a).unstack("severity")
+            diff = diff.reindex([o for o in order if o in diff.index])
+            diff.columns = [f"sev {c}" for c in diff.columns]
+            md.append("Test NLL of the ensemble selected on shifted validation data minus that "
+                      "of the ensemble selected on clean validation data (negative: selecting "
+                      "under shift helps):\n")
+            md.append(_md_table(diff, index=True) + "\n")
     else:
-        md.append(f"No shifted predictions stored with the members ({SH.SHIFT_FILE}): members "
-                  "trained without `predict_shifted` cannot be scored under shift without "
-                  "retraining.\n")
+        md.append(f"No member of this study stored predictions on corrupted test data "
+                  f"({SH.SHIFT_FILE} next to its test_probs.npy), so its ensembles cannot be "
+                  "scored under shift without retraining. A member stores them when, after "
+                  "training, `nestune.platform.shift.store_shifted(model, data, directory)` runs "
+                  "on it.\n")
 
     # ---- EdgeNES
     lam = _shared_edges(members)
@@ -452,6 +505,54 @@ def write_report(
             with path.open("a") as f:
                 f.write(f"\n_Not logged to MLflow: {type(e).__name__}: {e}_\n")
     return path
+
+
+def _shift_rows(rows: pd.DataFrame, chosen: list[int], test: np.ndarray, y_val: np.ndarray,
+                y_test: np.ndarray, size: int) -> pd.DataFrame | None:
+    """Shift metrics of one pool's ensemble as the study chose it (``selection = "val"``) and,
+    when every member stored shifted validation predictions, of the ensemble ForwardSelect
+    picks on the shifted validation split (``"shifted_val"``); None if the chosen members have
+    no shifted test predictions in common."""
+    paths = list(rows["path"])
+    test_shift = {i: SH.load_shifted(paths[i]) for i in set(chosen)}
+    keys = set.intersection(*(set(d) for d in test_shift.values())) if test_shift else set()
+    if not keys:
+        return None
+    frames = []
+    stacked = {k: np.stack([test_shift[i][k] for i in chosen]) for k in sorted(keys)}
+    sm = SH.shift_metrics(stacked, y_test, clean=test[chosen])
+    sm.insert(0, "selection", "val")
+    frames.append(sm)
+    val_shift = [SH.load_shifted(p, "val") for p in paths]
+    vkeys = set.intersection(*(set(d) for d in val_shift)) if all(val_shift) else set()
+    if vkeys:
+        pool = {k: np.stack([d[k] for d in val_shift]) for k in sorted(vkeys)}
+        picked = SH.forward_select_shifted(pool, y_val, min(size, len(paths)))
+        tests = {i: test_shift.get(i) or SH.load_shifted(paths[i]) for i in set(picked)}
+        tkeys = set.intersection(*(set(d) for d in tests.values()))
+        if tkeys:
+            stacked = {k: np.stack([tests[i][k] for i in picked]) for k in sorted(tkeys)}
+            sm = SH.shift_metrics(stacked, y_test, clean=test[picked])
+            sm.insert(0, "selection", "shifted_val")
+            frames.append(sm)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _hours(h: float) -> str:
+    """Device-hours as written in the report, with a smaller unit alongside when it reads better."""
+    factor, unit = P.time_unit(h)
+    if factor == 1.0:
+        return f"{h:.4g} device-hours"
+    return f"{h:.4g} device-hours = {h * factor:.3g} {unit}"
+
+
+def _mean_std(x: np.ndarray) -> str:
+    """"mean ± std" over the finite entries (sample std; the mean alone for one value)."""
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return "–"
+    m = f"{float(np.mean(x)):.4g}"
+    return m + (f" ± {float(np.std(x, ddof=1)):.2g}" if x.size >= 2 else "")
 
 
 def _slug(text: str) -> str:

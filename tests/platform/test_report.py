@@ -74,6 +74,9 @@ def make_study(root: Path, seeds=(0, 1, 2), shifted=True, name="synthetic") -> P
                 if shifted:
                     SH.save_shifted(d, {(c, s): _probs(rng, y_test[:50], skill / (1 + s))
                                         for c in ("gaussian_noise", "jpeg") for s in (1, 3, 5)})
+                    # shifted validation data on another corruption, as NES selects on
+                    SH.save_shifted(d, {("contrast", s): _probs(rng, y_val[:40], skill / (1 + s))
+                                        for s in (1, 3, 5)}, split="val")
                 vals.append(pv)
                 tests.append(pt)
                 secs = 10.0 + 5 * rng.random()
@@ -145,6 +148,7 @@ def test_report_csvs_hold_the_numbers(report):
     auc = pd.read_csv(r / "auc.csv")
     assert set(auc["metric"]) == {"nll", "error"} and len(auc) == 2 * 3 * 3
     assert auc["end"].nunique() == 1 and (auc["start"] == 0).all()
+    assert (auc["points"] > 0).all()
     pv = pd.read_csv(r / "pvalues.csv")
     assert set(pv["quantity"]) >= {"final ensemble test accuracy", "AUC of NLL vs device-hours"}
     assert len(pv[pv.quantity == "final ensemble test accuracy"]) == 3  # 3 pairs
@@ -156,6 +160,46 @@ def test_report_csvs_hold_the_numbers(report):
     shift = pd.read_csv(r / "shift.csv")
     assert set(shift["severity"]) == {0, 1, 3, 5}
     assert set(shift["corruption"]) == {"gaussian_noise", "jpeg"}
+    assert set(shift["selection"]) == {"val", "shifted_val"}
+
+
+def test_auc_window_runs_to_the_longest_run_by_default(report):
+    out, _ = report
+    auc = pd.read_csv(out / "report" / "auc.csv")
+    curves = pd.read_csv(out / "results" / "curves.csv")
+    assert auc["end"].iloc[0] == pytest.approx(curves["device_hours"].max())
+    np.testing.assert_allclose(auc["auc_mean"], auc["auc"] / (auc["end"] - auc["start"]))
+    assert "longest run's final cost" in (out / "report.md").read_text()
+
+
+def test_shift_rows_score_the_chosen_and_the_shift_selected_ensembles(report):
+    out, _ = report
+    shift = pd.read_csv(out / "report" / "shift.csv")
+    members = pd.read_csv(out / "results" / "members.csv")
+    rows = members[(members.strategy == "nes_re") & (members.seed == 1) & (members.kind == "member")]
+    y_val = np.load(out / "results" / "labels_val.npy")
+    y_test = np.load(out / "results" / "labels_test.npy")
+    val = np.stack([np.load(Path(p) / "val_probs.npy") for p in rows.path])
+    chosen = forward_select(val, y_val, SIZE)
+    shifted_val = [SH.load_shifted(p, "val") for p in rows.path]
+    pool = {k: np.stack([d[k] for d in shifted_val]) for k in shifted_val[0]}
+    picked = SH.forward_select_shifted(pool, y_val, SIZE)
+    for selection, idx in (("val", chosen), ("shifted_val", picked)):
+        p = np.stack([SH.load_shifted(rows.path.iloc[i])[("jpeg", 3)] for i in idx]).astype(np.float64)
+        got = shift[(shift.strategy == "nes_re") & (shift.seed == 1) & (shift.selection == selection)
+                    & (shift.corruption == "jpeg") & (shift.severity == 3)]
+        assert got["nll"].iloc[0] == pytest.approx(M.nll(p, y_test[:50]))
+
+
+def test_shift_select_picks_what_the_report_shows(tmp_path):
+    out = make_study(tmp_path, seeds=(0, 1))
+    text = write_report(out, log_mlflow=False, shift_select="shifted_val").read_text()
+    assert "selected by ForwardSelect on the shifted validation split" in text
+    assert "minus that of the ensemble selected on clean validation data" in text
+    with pytest.raises(ValueError, match="shift_select"):
+        write_report(out, log_mlflow=False, shift_select="test")
+    with pytest.raises(ValueError, match="horizon"):
+        write_report(out, log_mlflow=False, horizon="median")
 
 
 def test_report_is_logged_to_a_study_level_mlflow_run(report):
@@ -180,8 +224,9 @@ def test_one_seed_and_no_shift_still_report(tmp_path):
     out = make_study(tmp_path, seeds=(0,), shifted=False, name="single")
     path = write_report(out, log_mlflow=False)
     text = path.read_text()
-    assert "No shifted predictions stored" in text
-    assert "One seed per strategy: no p-values" in text
+    assert "No member of this study stored predictions on corrupted test data" in text
+    assert "One seed per strategy: no p-values" in text and "seed noise" in text
+    assert not (out / "report" / "pvalues.csv").exists()
     assert not (out / "report" / "shift.png").exists()
     # a second run overwrites in place
     assert write_report(out, log_mlflow=False) == path
