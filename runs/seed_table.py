@@ -28,7 +28,7 @@ Examples:
     python runs/seed_table.py --data cifar10 --root ~/data/cifar10 --subset 2000 \\
         --scale 0.2 --seeds 0 1 --members 4 --edgenes-samples 4
 
-    # the seeds' setting on CIFAR-100 on a GPU box (4 trials share each GPU)
+    # the default sizes on CIFAR-100 on a GPU box (4 trials share each GPU)
     python runs/seed_table.py --data cifar100 --root /data/cifar100 --seeds 0 1 2 --gpu 0.25
 
     # print the table of a finished study again, without running anything
@@ -60,6 +60,10 @@ def _scaled(epochs: int, scale: float) -> int:
     return max(1, int(round(epochs * scale)))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every flag, and the examples kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seed_table.py",
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture, DARTS ensembling, random ensemble, EdgeNES) plus NES-RE, TPE and XNAS as "
         "one nestune Study, then prints accuracy %, GPU-hours, NLL and ECE per row, mean ± std "
         "over seeds, in the seeds' layout, and writes the study's report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n" + __doc__.split("Examples:\n", 1)[1].rstrip(),
+        formatter_class=_HelpFormatter,
     )
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=("cifar10", "cifar100", "imagefolder"), default="cifar100",
@@ -208,6 +213,61 @@ def seed_table(table: Any, gpu: bool) -> str:
     return "\n".join(lines)
 
 
+def describe(settings: dict[str, Any]) -> str:
+    """One line with the scale a study ran at, read from its stored settings (so --table-only
+    describes the study it prints, not the flags it was given)."""
+    data = settings.get("data") or {}
+    data = data if isinstance(data, dict) else {"name": data}
+    train = settings.get("train") or {}
+    search = next((s.get("hparams") or {} for s in settings.get("strategies") or []
+                   if (s.get("hparams") or {}).get("search_epochs")), {})
+    parts = [
+        f"{data.get('name', '?')}, subset {data.get('subset') or 'all'}",
+        f"seeds {settings.get('seeds')}",
+        f"M={settings.get('ensemble_size')}",
+        f"budget {settings.get('budget')}",
+        f"members {train.get('epochs', '?')} epochs C={train.get('C', '?')} "
+        f"layers={train.get('layers', '?')}",
+    ]
+    if search:
+        parts.append(f"searches {search.get('search_epochs')} epochs C={search.get('search_C')} "
+                     f"layers={search.get('search_layers')}")
+    return f"{settings.get('name', 'study')}: " + ", ".join(parts)
+
+
+def auc_line(curves: Any, num_classes: int, gpu: bool, a: str = "darts_ens", b: str = "edgenes",
+             paired: Any = "auto") -> str | None:
+    """The seeds' sentence comparing how fast two rows build an ensemble, e.g. "AUC for DartsEns
+    2.90 ± 0.19, EdgeNES 2.78 ± 0.13, p-value for t-test 0.0329": the area under ensemble test
+    NLL against cumulative hours, over the window the report uses (0 to the longest run's end,
+    the uniform predictor's NLL before a run's first ensemble), mean ± std over seeds, and the
+    t-test of the report (paired when both rows ran the same seeds, else Welch's). None when a
+    row is missing."""
+    from nestune.platform.stats import anytime_auc, pairwise_tests, uniform_value
+
+    if curves is None or curves.empty or not {a, b} <= set(curves["strategy"]):
+        return None
+    # One window for the whole study, as in the report, not one for this pair alone.
+    every = anytime_auc(curves, "nll", initial=uniform_value("nll", num_classes))
+    auc = every[every["strategy"].isin([a, b])]
+    names = {label: row for label, _, row in ROWS}
+    parts = []
+    for label in (a, b):
+        x = auc[auc["strategy"] == label]["auc"].to_numpy(dtype=float)
+        x = x[[math.isfinite(v) for v in x]]
+        mean = float(x.mean()) if len(x) else math.nan
+        std = float(x.std(ddof=1)) if len(x) >= 2 else math.nan
+        parts.append(f"{names.get(label, label)} "
+                     + ("–" if not math.isfinite(mean) else f"{mean:#.3g}"
+                        + (f" ± {std:#.2g}" if math.isfinite(std) else "")))
+    test = pairwise_tests(auc, "auc", paired=paired, order=[a, b]).iloc[0]
+    p = test["pvalue"]
+    pv = (f"p-value for t-test ({test['test']}) {p:.3g}" if math.isfinite(p)
+          else f"no p-value ({test['note']})")
+    hours = "GPU-hours" if gpu else "device-hours"
+    return f"AUC of ensemble test NLL vs {hours} for " + ", ".join(parts) + f", {pv}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     study = make_study(args)
@@ -223,12 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = study.run()
     gpu = float(study.resources.get("gpu") or 0) > 0
-    scale = (f"{args.data}, subset {args.subset or 'all'}, seeds {args.seeds}, M={args.ensemble_size}, "
-             f"members {_scaled(args.epochs, args.scale)} epochs C={args.C} layers={args.layers}, "
-             f"searches {_scaled(args.search_epochs, args.scale)} epochs C={args.search_C} "
-             f"layers={args.search_layers}")
-    print(f"\n{study.name}: {scale}\n")
+    print(f"\n{describe(result.settings or study.settings())}\n")
     print(seed_table(result.table(), gpu))
+    import numpy as np
+
+    line = auc_line(result.curves, int(np.asarray(result.labels("test")).max()) + 1, gpu)
+    if line:
+        print("\n" + line)
     if not args.no_report:
         from nestune.platform.report import write_report
 

@@ -26,6 +26,7 @@ def test_help_documents_the_flags():
                  "--search-epochs", "--subset", "--gpu", "--rows", "--table-only"):
         assert flag in out
     assert "cifar10" in out and "cifar100" in out and "imagefolder" in out
+    assert "examples:" in out and "--table-only" in out.split("examples:")[1]
 
 
 def test_rows_and_scaling(mod, tmp_path):
@@ -54,3 +55,44 @@ def test_table_in_the_seeds_layout(mod):
     # the seeds' order, their names
     assert [ln.split("  ")[0] for ln in lines[2:]] == ["DARTS", "DARTS ensembling", "EdgeNES"]
     assert "70.50 ± 0.71" in text and "2.100 ± 0.000" in text
+
+
+def test_auc_line_is_the_seeds_sentence_with_the_reports_test(mod):
+    from scipy import stats as st
+
+    from nestune.platform.stats import anytime_auc, uniform_value
+
+    rows = []
+    for strategy, base in (("darts_ens", 1.0), ("edgenes", 0.8), ("darts", 1.2)):
+        for seed in (0, 1, 2):
+            for k, t in enumerate((0.5, 1.0, 1.5 + 0.1 * seed)):
+                late = 0.2 * (strategy == "darts")
+                rows.append({"strategy": strategy, "seed": seed, "device_hours": t + late,
+                             "nll": base / (k + 1) + 0.05 * seed * (strategy == "edgenes"),
+                             "error": 0.1})
+    curves = pd.DataFrame(rows)
+    line = mod.auc_line(curves, 100, gpu=True)
+    # the window is the whole study's (darts ends last), not the pair's
+    auc = anytime_auc(curves, "nll", initial=uniform_value("nll", 100))
+    a = auc[auc.strategy == "darts_ens"].sort_values("seed")["auc"].to_numpy()
+    b = auc[auc.strategy == "edgenes"].sort_values("seed")["auc"].to_numpy()
+    p = st.ttest_rel(a, b).pvalue
+    assert line == (f"AUC of ensemble test NLL vs GPU-hours for DARTS ensembling {a.mean():#.3g} ± "
+                    f"{a.std(ddof=1):#.2g}, EdgeNES {b.mean():#.3g} ± {b.std(ddof=1):#.2g}, "
+                    f"p-value for t-test (paired) {p:.3g}")
+    # different seeds: Welch's test
+    other = curves[~((curves.strategy == "edgenes") & (curves.seed == 0))]
+    assert "(welch)" in mod.auc_line(other, 100, gpu=False)
+    assert mod.auc_line(curves[curves.strategy != "edgenes"], 100, gpu=True) is None
+
+
+def test_describe_reads_the_studys_own_settings(mod):
+    settings = {"name": "seed_table_cifar10", "data": {"name": "cifar10", "subset": 500},
+                "seeds": [0, 1], "ensemble_size": 3, "budget": {"members": 4},
+                "train": {"epochs": 2, "C": 8, "layers": 5},
+                "strategies": [{"label": "random_arch", "hparams": {"max_members": 1}},
+                               {"label": "darts_ens", "hparams": {"search_epochs": 2, "search_C": 8,
+                                                                  "search_layers": 5}}]}
+    text = mod.describe(settings)
+    assert text.startswith("seed_table_cifar10: cifar10, subset 500, seeds [0, 1], M=3")
+    assert "members 2 epochs C=8 layers=5" in text and "searches 2 epochs C=8 layers=5" in text
