@@ -166,6 +166,12 @@ class EdgeNESConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"EdgeNESConfig.{name}: expected an int >= 1, got {getattr(self, name)}")
+        if self.layers < 3:
+            raise ValueError(
+                f"EdgeNESConfig.layers: expected an int >= 3, got {self.layers} (DARTS reduces at "
+                "1/3 and 2/3 of the depth: fewer layers leave the supernet no normal cell, so the "
+                "normal half of α(λ) would never be trained for accuracy)"
+            )
         if self.batch_size < 2:
             raise ValueError(f"EdgeNESConfig.batch_size: expected an int >= 2, got {self.batch_size}")
         if self.pivots < 2:
@@ -422,6 +428,11 @@ def edgenes_search(
     gen = torch.Generator().manual_seed(seed + 7919)  # λ and Gumbel noise
     model = space.supernet(C=config.C, layers=config.layers, num_classes=data.num_classes,
                            in_channels=data.in_channels).to(device)
+    # The full space: both cell types run in the supernet, so both halves of α(λ) (and of
+    # the count against α*, whose Λ spans both cells) meet L_val.
+    if {bool(cell.reduction) for cell in model.cells} != {False, True}:
+        raise ValueError(f"edgenes search: a supernet of {config.layers} layers lacks a normal or a "
+                         "reduction cell; EdgeNES searches both")
     hyper_kw: dict[str, Any] = (
         {"pivots": config.pivots} if config.hypernet == "piecewise"
         else {"hidden": config.hidden, "layers": config.hidden_layers}

@@ -109,8 +109,8 @@ def member_disagreement(member_probs: Any) -> np.ndarray:
     if m < 2:
         return np.zeros(m)
     preds = p.argmax(axis=-1)
-    differ = (preds[:, None, :] != preds[None, :, :]).mean(axis=-1)  # (M, M), zero diagonal
-    return differ.sum(axis=1) / (m - 1)
+    # One member against all at a time: O(M·N) memory, not O(M²·N).
+    return np.array([(preds != preds[i]).mean(axis=1).sum() / (m - 1) for i in range(m)])
 
 
 @register("edgenes")
@@ -161,6 +161,10 @@ class EdgeNES(Strategy):
                      "search_C", "search_layers", "search_batch_size", "pivots", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EdgeNES.{name}: expected an int >= 1, got {getattr(self, name)}")
+        for name in ("darts_layers", "search_layers"):
+            if getattr(self, name) < 3:
+                raise ValueError(f"EdgeNES.{name}: expected an int >= 3 (a supernet with both normal "
+                                 f"and reduction cells), got {getattr(self, name)}")
         if self.darts_order not in (1, 2):
             raise ValueError(f"EdgeNES.darts_order: expected 1 or 2, got {self.darts_order}")
         if self.exhaustive_limit < 0 or self.max_retries < 0:

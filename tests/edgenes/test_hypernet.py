@@ -18,7 +18,8 @@ from nestune.edgenes.hypernet import (
     relax_cell,
     shared_edges_relaxed,
 )
-from nestune.search_spaces.darts import DartsSpace
+from nestune.search_spaces.darts import DARTS_V2, DartsSpace
+from nestune.search_spaces.genotype import Genotype
 
 SPACE = DartsSpace()
 LAM = float(SPACE.arch_edges)
@@ -203,3 +204,30 @@ def test_export_round_trip_and_derive_at() -> None:
         for lam in (0.0, 3.3, LAM):
             assert torch.allclose(clone(lam)[0], net(lam)[0])
             assert derive_at(clone, lam) == derive_at(net, lam)
+
+
+def test_the_count_and_lambda_range_span_both_cells_of_the_full_space() -> None:
+    """Λ comes from the full DARTS space (normal and reduction cells: 2 x 4 nodes x 2 inputs
+    = 16), and both cells' edges enter the count (the reference counts the reduction cell's
+    only, Λ = 8)."""
+    assert SPACE.arch_edges == 2 * SPACE.nodes * 2 == 16
+    net = PiecewiseLinearHypernet(SPACE)
+    assert net.lambda_max == 16.0 and net.positions[-1] == 16.0
+    rng = np.random.default_rng(0)
+    star = DARTS_V2
+    other = next(g for g in (SPACE.sample(rng) for _ in range(1000)) if SPACE.common_edges(star, g) == 0)
+    weights = SPACE.genotype_weights(star)
+    for genotype, shared in (
+        (star, 16),
+        (Genotype(star.normal, other.reduce, star.normal_concat, star.reduce_concat), 8),
+        (Genotype(other.normal, star.reduce, star.normal_concat, star.reduce_concat), 8),
+        (other, 0),
+    ):
+        assert SPACE.common_edges(star, genotype) == shared
+        assert float(shared_edges_relaxed(weights, SPACE.genotype_weights(genotype))) == pytest.approx(shared)
+    # The regulariser's gradient reaches both cells' halves of the pivots.
+    torch.manual_seed(0)
+    lam = 6.0
+    relaxed = relax(SPACE, net(lam), temperature=0.5, generator=torch.Generator().manual_seed(0))
+    ((lam - shared_edges_relaxed(weights, relaxed)) ** 2).backward()
+    assert net.pivots.grad[:, 0].abs().sum() > 0 and net.pivots.grad[:, 1].abs().sum() > 0

@@ -92,6 +92,21 @@ def test_diversity_control_shared_edges_rise_with_lambda(searched) -> None:
     assert [SPACE.common_edges(alpha_star, derive_at(hyper, lam)) for lam in lambdas] == shared
 
 
+def test_the_search_trains_every_pivot_in_both_cells(searched) -> None:
+    """The pivot sets start at 1e-3 * randn; a search that never reached them (the reference
+    wraps them in new tensors) would leave them there. Every pivot moves, in both cells, and
+    the derived curve uses both cells: at λ = Λ each cell is close to α*'s own."""
+    alpha_star, _, result, _ = searched
+    hyper = load_hypernet(result["extra"], result["arrays"], SPACE)
+    moved = hyper.pivots.detach().flatten(2).abs().amax(dim=2)  # (pivots, cells)
+    assert moved.shape == (5, 2)
+    assert (moved > 0.1).all(), moved
+    top = derive_at(hyper, float(SPACE.arch_edges))
+    for cell in ("normal", "reduce"):
+        shared = sum(1 for edge in top.edges() & alpha_star.edges() if edge[0] == cell)
+        assert shared >= SPACE.arch_edges // 2 - 2, (cell, shared)
+
+
 def test_result_has_what_the_driver_logs(searched) -> None:
     alpha_star, job, result, plot_path = searched
     assert result["kind"] == "search" and result["method"] == "edgenes"
@@ -145,6 +160,8 @@ def test_job_errors_name_the_field(digits: DataBundle) -> None:
         EdgeNESConfig(epochs=0)
     with pytest.raises(ValueError, match="EdgeNESConfig.arch_lr"):
         EdgeNESConfig(arch_lr="fast")
+    with pytest.raises(ValueError, match="EdgeNESConfig.layers"):
+        EdgeNESConfig(layers=2)  # cells 0 and 1 would both be reduction cells: no normal cell
     with pytest.raises(ValueError, match="plot_path"):
         edgenes_job({"alpha_star": DARTS_V2.to_json(), "epochs": 1, "C": 4, "layers": 1,
                      "batch_size": 16, "plot_path": "relative.png"}, data)

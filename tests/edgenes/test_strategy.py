@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nestune.platform.ensemble as ensemble
+import nestune.platform.study as study
 from nestune.edgenes.strategy import EdgeNES, exhaustive_select, member_disagreement
 from nestune.metrics import disagreement, nll
 from nestune.platform.data import load_data
@@ -110,6 +111,9 @@ def test_bad_hyperparameters_name_the_field() -> None:
         make_strategy("edgenes", num_samples=0)
     with pytest.raises(ValueError, match="hypernet"):
         make_strategy("edgenes", hypernet="rnn")
+    for name in ("darts_layers", "search_layers"):  # fewer than 3 cells: no normal cell
+        with pytest.raises(ValueError, match=f"EdgeNES.{name}"):
+            make_strategy("edgenes", **{name: 2})
 
 
 def test_failed_search_is_retried_with_a_new_seed_then_given_up() -> None:
@@ -217,6 +221,23 @@ def test_select_sees_validation_data_only() -> None:
     assert params == ["self", "val_probs", "labels", "size"]
     with pytest.raises(ValueError, match="labels"):
         exhaustive_select(np.full((2, 4, 2), 0.5), np.zeros(5, dtype=int), 1)
+
+
+def test_the_study_selects_the_ensemble_on_validation_not_test() -> None:
+    """The reference selects on the test split. Here the pool's validation predictions pick
+    the ensemble and the test predictions only score it: a pool whose best pair on
+    validation, {1, 2}, is not its best pair on test, {0, 3}."""
+    h = 10
+    val_probs, labels = _pool([[0.7] * (2 * h), [0.99] * h + [0.45] * h, [0.45] * h + [0.99] * h,
+                               [0.5] * (2 * h)])
+    test_probs, test_labels = _pool([[0.99] * h + [0.45] * h, [0.6] * (2 * h), [0.6] * (2 * h),
+                                     [0.45] * h + [0.99] * h])
+    assert exhaustive_select(val_probs, labels, 2) == [1, 2]
+    assert exhaustive_select(test_probs, test_labels, 2) == [0, 3]
+    s = _strategy()
+    chosen, scores = study.score_ensemble(s, val_probs, list(test_probs), labels, test_labels, 2)
+    assert sorted(chosen) == [1, 2]
+    assert scores["nll"] == pytest.approx(nll(test_probs[[1, 2]].mean(0), test_labels))
 
 
 def test_member_disagreement_averages_to_the_pool_disagreement() -> None:
