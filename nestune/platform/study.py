@@ -671,6 +671,11 @@ class _RunRecord:
                     ensemble = [self._member_doc(self.pool[i]) for i in self.ensemble]
                     metrics = {k: row[k] for k in TABLE_COLUMNS if k not in ("strategy", "seed")}
                     self.tracker.log_final(self.parent_id, metrics, ensemble, step=members)
+                try:
+                    self._log_outputs(step=members)
+                except Exception:
+                    log.exception("%s: MLflow logging of the cost split and member diversity failed",
+                                  self.spec.label)
                 self.tracker.end_run(self.parent_id, status)
             except Exception:
                 log.exception("%s: MLflow logging of the final ensemble failed", self.spec.label)
@@ -681,6 +686,39 @@ class _RunRecord:
             + (f"ensemble test accuracy {row['accuracy']:.4f}, nll {row['nll']:.4f}"
                if self.pool else "no members")
         )
+
+    def _log_outputs(self, step: int) -> None:
+        """The parent run's cost split, the strategy's own files, and per-member diversity."""
+        costs: dict[str, float] = {}
+        for e in self.ledger.entries:  # failed jobs too: they were paid for
+            job = e.get("job") if isinstance(e.get("job"), dict) else {}
+            part = "members" if e.get("kind") == "member" else "_".join(
+                str(x) for x in (e.get("kind") or "job", job.get("method")) if x)
+            costs[f"cost_{part}_seconds"] = costs.get(f"cost_{part}_seconds", 0.0) + float(
+                e.get("device_seconds") or 0.0)
+        self.tracker.log_ensemble(self.parent_id, step, costs)
+        files = getattr(self.searcher.strategy, "artifacts", None)
+        if callable(files) and (got := files()):
+            self.tracker.log_files(self.parent_id, got)
+        if not self.pool:
+            return
+        k = len(self.pool)
+        chosen = set(self.ensemble)
+        disagree = {split: _member_disagreement(probs) for split, probs in (
+            ("val", self._val[:k]), ("test", np.stack([m["test_probs"] for m in self.pool])))}
+        rows, metrics = [], {}
+        for i, m in enumerate(self.pool):
+            job = m["job"] if isinstance(m.get("job"), dict) else {}
+            values = {"test_disagreement": float(disagree["test"][i]),
+                      "val_disagreement": float(disagree["val"][i]), "in_ensemble": float(i in chosen)}
+            metrics[str(m.get("trial_id"))] = values
+            rows.append({"trial_id": m.get("trial_id"),
+                         **{key: v for key, v in job.items() if key not in ("kind", "genotype")
+                            and isinstance(v, (int, float, str, bool))},
+                         "val_nll": m["val_nll"], "test_error": m["test_error"], **values})
+        self.tracker.log_member_metrics(self.parent_id, metrics)
+        self.tracker.log_files(self.parent_id,
+                               {"members.csv": pd.DataFrame(rows).to_csv(index=False).encode()})
 
     def _on_entry(self, searcher: StrategySearcher, entry: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Listener: a job finished (or failed) in this session."""
@@ -819,6 +857,17 @@ class _RunRecord:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _member_disagreement(probs: np.ndarray) -> np.ndarray:
+    """Per member, the mean over the other members of the share of samples on which the two
+    predict different classes, (K, N, C) -> (K,); its mean is ``metrics.disagreement``."""
+    preds = np.asarray(probs).argmax(axis=-1)
+    k = len(preds)
+    if k < 2:
+        return np.zeros(k)
+    # One member against all at a time: O(K·N) memory, not O(K²·N).
+    return np.array([(preds != preds[i]).mean(axis=1).sum() / (k - 1) for i in range(k)])
 
 
 def _genotype_of(entry: Mapping[str, Any], job: Mapping[str, Any]) -> str | None:

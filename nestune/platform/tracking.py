@@ -7,10 +7,17 @@ Layout in MLflow:
   budget and the training settings as params; the ensemble's test metrics logged with
   ``step`` = members trained after every finished member (the anytime curves in MLflow's chart
   view); at the end the final metrics, and the ensemble's member list and genotypes as
-  artifacts (``ensemble.json``, ``ensemble_genotypes.txt``);
+  artifacts (``ensemble.json``, ``ensemble_genotypes.txt``); the device-seconds split by
+  job kind (``cost_members_seconds``, ``cost_search_<method>_seconds``); the strategy's own
+  files, if it has an ``artifacts()`` method (EdgeNES: ``shared_edges_vs_lambda.png``); and
+  ``members.csv``, one row per pooled member (its scalar job keys, e.g. EdgeNES' ``lambda``
+  and ``shared_edges``, its val NLL, test error, disagreement with the other members);
 - one nested **child run** per trial (tag ``mlflow.parentRunId``): the job as params (the
   genotype among them), ``genotype.json`` as an artifact, the trial's metrics and
   ``device_seconds``; a failed trial ends FAILED with its error as a tag and an artifact.
+  Once the pool is complete, a member's run also gets ``test_disagreement`` /
+  ``val_disagreement`` (mean over the other pooled members of the share of samples the two
+  classify differently) and ``in_ensemble`` (1 if selected).
 
 Trials never talk to MLflow: they report to Ray Tune and the driver writes here, so
 concurrent trials cannot lock a SQLite store. The default store is a SQLite file in the
@@ -166,6 +173,41 @@ class Tracker:
             lines.append(f"# trial {m.get('trial_id')} seed {m.get('job_seed')}")
             lines.append(str(m.get("genotype_repr") or m.get("genotype")))
         self.client.log_text(parent_id, "\n".join(lines) + "\n", "ensemble_genotypes.txt")
+
+    def log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
+        """Files given as bytes (a strategy's own plots), as artifacts of the run under their
+        names; a file logged again replaces the old one."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                rel = Path(name)
+                if rel.is_absolute() or ".." in rel.parts or not rel.name:
+                    raise ValueError(f"log_files: expected a relative file name, got {name!r}")
+                path = Path(tmp) / rel.name
+                path.write_bytes(data)
+                folder = rel.parent.as_posix()
+                self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
+
+    def log_member_metrics(self, parent_id: str, metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """Metrics known only once the pool is complete (a member's disagreement with the
+        others, whether it made the ensemble), added to the child runs of ``parent_id`` whose
+        tag ``nestune.trial_id`` is a key of ``metrics``."""
+        runs: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`nestune.role` = 'trial'",
+                max_results=1000, page_token=token,
+            )
+            runs.update({r.data.tags.get("nestune.trial_id", ""): r.info.run_id for r in page})
+            token = page.token
+            if not token:
+                break
+        for trial_id, values in metrics.items():
+            if str(trial_id) in runs:
+                self._log(runs[str(trial_id)], metrics=values)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
