@@ -48,13 +48,20 @@ mixing coefficients w (not v, whose normalisation would add a term common to all
 The bound L is enforced by clipping each reward to [−L, L]. With η as above, ηL =
 sqrt(2 ln N / T) whatever L is, so an op that loses every round by the full 2L can be wiped out
 no earlier than halfway through the search (its deficit after t rounds, 2ηLt, must exceed
-the threshold's 2ηL(T − t)); the speed-up of wipeout is a second-half effect by design. L
-trades the regret guarantee's scale against how early typical rewards can wipe an op: the
-default 0.05 is the scale of the rewards of a small supernet on digits (mean |R| ≈ 0.04).
+the threshold's 2ηL(T − t)); the speed-up of wipeout is a second-half effect by design. More
+generally an op that trails the leader by δ per round on average is wiped at
+t ≈ 2LT / (2L + δ): δ = L/2 gives 0.8 T. L trades the regret guarantee's scale against how
+early typical rewards can wipe an op: the default 0.05 is the scale of the rewards of a small
+supernet on digits (median |∂ℓ/∂w| ≈ 0.04, about 40 % of rewards clipped), where the first op
+goes at about 0.8 T and most go in the last tenth of the search (``bench/xnas_wipeout.py``).
 Wipeout never removes the op with the largest v (its log v equals the maximum, never below it),
 and a removed op never comes back (its log v is −inf). ``none`` is an expert like the others
 when the space has it: its output is zero, so its reward is always 0 and it is never computed;
 the other ops rise or fall relative to it, and ``derive`` never picks it.
+
+Derivation: DARTS' rule (two strongest incoming edges per node, the argmax op of each,
+``none`` excluded) on the final v / Σv, where an edge whose survivors are all ``none`` falls
+back to the real op that was wiped out last (:meth:`ExpertAdvice.derive_weights`).
 
 Speed-up: the search logs, per epoch, the mean step time and the number of ops still active,
 and its result's ``extra`` holds the wipeout log and step times (``arrays`` the per-step ones).
@@ -179,6 +186,11 @@ class ExpertAdvice:
         self.t = 0
         self.log_v = [torch.zeros(num_edges, num_ops, device=device) for _ in CELLS]
         self.active = [torch.ones(num_edges, num_ops, dtype=torch.bool, device=device) for _ in CELLS]
+        # For derive only: the round each expert was removed in (0 = active) and its log v
+        # below the leader's at that moment.
+        self.removed_at = [torch.zeros(num_edges, num_ops, dtype=torch.long, device=device)
+                           for _ in CELLS]
+        self.removed_gap = [torch.zeros(num_edges, num_ops, device=device) for _ in CELLS]
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """v / Σv per edge over its active experts; exactly 0 for removed ones."""
@@ -199,11 +211,33 @@ class ExpertAdvice:
             keep = wipeout(log_v, act, self.eta, self.L, self.T, self.t)
             gone = act & ~keep
             if gone.any():
+                best = log_v.masked_fill(~act, -math.inf).max(dim=-1, keepdim=True).values
+                self.removed_at[c] = self.removed_at[c].masked_fill(gone, self.t)
+                self.removed_gap[c] = torch.where(gone, log_v - best, self.removed_gap[c])
                 for e, i in gone.nonzero().tolist():
                     removed.append((cell, e, i))
             self.log_v[c] = log_v.masked_fill(~keep, -math.inf)
             self.active[c] = keep
         return removed
+
+    def derive_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights the genotype is derived from: ``weights()`` for active experts (> 0),
+        and for removed ones a score in (−1, 0) that orders them by the round they were
+        removed in, then by how far below the leader they were then.
+
+        It matters only where an edge's survivors are all ``none``, which happens when every
+        real op on it lost to the zero op: DARTS' rule skips ``none``, and with every other
+        weight at 0 its argmax would be the first op in the space's order. With these
+        scores such an edge ranks below every edge with a live op, and gives the op that
+        survived longest.
+        """
+        out = []
+        horizon = max(self.T, self.t) + 1
+        for w, act, at, gap in zip(self.weights(), self.active, self.removed_at, self.removed_gap,
+                                   strict=True):
+            score = (at.float() - 1.0 + gap.exp()) / horizon - 1.0
+            out.append(torch.where(act, w, score))
+        return out[0], out[1]
 
     def remaining(self) -> dict[str, int]:
         return {cell: int(a.sum()) for cell, a in zip(CELLS, self.active, strict=True)}
@@ -310,7 +344,7 @@ def xnas_search(
         wipeout_log.append({"epoch": epoch + 1, "step": experts.t, "ops_remaining": remaining,
                             "ops_computed": computed, "removed": removed_epoch,
                             "step_seconds": step_mean})
-        genotype = model.derive(experts.weights())
+        genotype = model.derive(experts.derive_weights())
         history["weights"].append(weights_as_lists(experts.weights()))
         history["genotype"].append(genotype.to_json())
         for key, value in zip(("train_loss", "train_acc", "arch_loss", "arch_acc"), means, strict=True):
@@ -332,7 +366,7 @@ def xnas_search(
                       "ops_remaining": remaining["normal"] + remaining["reduce"]})
 
     w_normal, w_reduce = (t.detach().cpu() for t in experts.weights())
-    genotype = space.validate(space.derive(w_normal, w_reduce))
+    genotype = space.validate(space.derive(*experts.derive_weights()))
     total, wall = device_seconds(start, device, replicas)
     extra = {
         "method": "xnas",
@@ -342,6 +376,8 @@ def xnas_search(
         "speedup": first_step / history["step_seconds"][-1] if history["step_seconds"][-1] > 0 else 1.0,
         "eta": experts.eta,
         "T": T,
+        # The round of the first removal (None: nothing was wiped out).
+        "first_wipeout_step": next((e["removed"][0][0] for e in wipeout_log if e["removed"]), None),
         "settings": {
             "epochs": epochs, "C": C, "layers": layers, "seed": seed, "batch_size": batch_size,
             "L": L, "lr": lr, "lr_min": lr_min, "momentum": momentum, "weight_decay": weight_decay,

@@ -134,6 +134,37 @@ def test_toy_problem_keeps_and_derives_the_planted_good_op():
             assert op == SPACE.ops[int(plant[SPACE.edge_index(k // 2, inp)])]
 
 
+def test_an_edge_won_by_none_derives_the_real_op_wiped_out_last():
+    """Where every real op loses to the zero op, only ``none`` survives; derive skips it and
+    must then take the real op that held out longest, not the first op in the space's order."""
+    T, n_edges = 10, SPACE.num_edges
+    none, dil3, avg = (SPACE.ops.index(op) for op in ("none", "dil_conv_3x3", "avg_pool_3x3"))
+    sep3 = SPACE.ops.index("sep_conv_3x3")
+    experts = ExpertAdvice(n_edges, SPACE.num_ops, T=T, L=1.0)
+    live = SPACE.edge_index(0, 1)  # node 0's edge from input 1 keeps a live real op
+    for _ in range(T):
+        g = torch.full((n_edges, SPACE.num_ops), 0.5)  # ∂ℓ/∂w > 0: the op hurts
+        g[:, none] = 0.0
+        g[:, dil3] = 0.2  # hurts least: wiped out in the last round
+        g[:, avg] = 0.21  # also wiped out in the last round, further behind the leader
+        g[live, sep3] = -0.5
+        experts.update([g, g])
+    for c in range(2):
+        assert experts.active[c][:, none].sum() == n_edges - 1
+        assert experts.active[c][live, sep3] and experts.active[c][live].sum() == 1
+        others = torch.arange(n_edges) != live
+        assert (experts.removed_at[c][others][:, [dil3, avg]] == T).all()
+        assert (experts.removed_at[c][others][:, sep3] < T).all()
+    genotype = SPACE.validate(SPACE.derive(*experts.derive_weights()))
+    for cell in ("normal", "reduce"):
+        pairs = genotype.cell(cell)
+        assert pairs[0] == ("sep_conv_3x3", 1)  # the live edge outranks the none-won one
+        assert all(op == "dil_conv_3x3" for op, _ in pairs[1:])
+    w, d = experts.weights()[0], experts.derive_weights()[0]
+    assert torch.equal(d[experts.active[0]], w[experts.active[0]])
+    assert ((d[~experts.active[0]] > -1) & (d[~experts.active[0]] < 0)).all()
+
+
 # -- the search on digits ---------------------------------------------------------------------
 
 
