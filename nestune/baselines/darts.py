@@ -449,7 +449,9 @@ def darts_search(
                     model, w_opt, xw, yw, xa, ya, xi, momentum, weight_decay, unrolled_eps, replicas
                 )
             a_opt.step()
-            w_loss, w_acc = weight_step(model, w_opt, xw, yw, None, grad_clip, replicas)
+            # Detached: the ω step has no use for a train-loss gradient of α.
+            fixed = tuple(w.detach() for w in model.default_weights())
+            w_loss, w_acc = weight_step(model, w_opt, xw, yw, fixed, grad_clip, replicas)
             sums += (w_loss, w_acc, a_loss, a_acc)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
