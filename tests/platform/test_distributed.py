@@ -1,5 +1,8 @@
 import json
 import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -25,7 +28,10 @@ def ray_local():
         ray.shutdown()
     # Logical CPUs: the trial's sliver plus one per Train worker; the processes themselves use
     # one thread each.
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": a new instance even where another Ray runs on this machine (or
+    # RAY_ADDRESS is set); ray.init() alone would attach to that one and refuse num_cpus.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -102,6 +108,53 @@ def test_replicated_member_training_matches_train_member(gloo_group):
                                single.val_probs.astype(np.float32), atol=2e-3)
     assert set(member.metrics) == set(single.metrics)
     assert member.config["workers"] == 1
+
+
+# One XNAS replica: its own process and a gloo group of two, as a Ray Train worker runs it.
+XNAS_REPLICA = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from nestune.baselines.xnas import xnas_search
+    from nestune.platform.data import load_data
+    from nestune.platform.distributed import TorchReplicas
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        r = xnas_search(load_data("digits", subset=160), epochs=2, C=4, layers=3, batch_size=32,
+                        seed=1, L=0.05, replicas=TorchReplicas())
+        torch.save({"log_v": r.alphas, "weights": r.weights, "genotype": r.genotype.to_json(),
+                    "removed": [e["removed"] for e in r.extra["wipeout"]],
+                    "device_seconds": r.device_seconds, "workers": r.extra["workers"],
+                    "batch": r.extra["per_worker_batch_size"]}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+""")
+
+
+def test_data_parallel_xnas_replicas_update_their_experts_identically(tmp_path):
+    """Two replicas on different shards: the all-reduced rewards make every EG step and
+    every wipeout the same on both, so they end with the same experts and genotype."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", XNAS_REPLICA, str(rank), str(port), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), outputs
+    a, b = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    for x, y in zip(a["log_v"] + a["weights"], b["log_v"] + b["weights"], strict=True):
+        assert torch.equal(x, y)  # -inf (wiped out) in the same places, the same numbers elsewhere
+    assert a["removed"] == b["removed"] and sum(map(len, a["removed"])) > 0
+    assert a["genotype"] == b["genotype"]
+    SPACE.validate(Genotype.from_json(a["genotype"]))
+    assert a["workers"] == 2 and a["batch"] == 16
+    assert a["device_seconds"] == b["device_seconds"] > 0  # summed over both workers
 
 
 def test_bad_arguments_name_the_field():
