@@ -57,9 +57,11 @@ def _gather_true_class(val_probs: Any, labels: Any) -> np.ndarray:
     if is_tensor:
         idx = torch.as_tensor(y, device=val_probs.device)
         rows = torch.arange(n, device=val_probs.device)
-        p = val_probs.detach()[:, rows, idx].to(torch.float64).cpu().numpy()
+        p = val_probs.detach()[:, rows, idx].to(torch.float64).cpu().contiguous().numpy()
     else:
-        p = val_probs[:, np.arange(n), y].astype(np.float64)
+        # Advanced indexing hands back a column-major (K, N) array; the scan reads rows, and
+        # on a strided copy it runs ~3x slower.
+        p = val_probs[:, np.arange(n), y].astype(np.float64, order="C")
     # Only the true-class column is ever read, so only it is checked: summing a float16 pool of
     # 400 x 10,000 x 100 to check rows would cost more than the selection itself.
     if not np.all(np.isfinite(p)) or p.min() < -1e-6 or p.max() > 1.0 + 1e-2:
