@@ -245,7 +245,7 @@ def _train_member_replicated(job: Mapping[str, Any], data: Any, device: torch.de
                         test_probs=test.astype(np.float16), metrics=results,
                         device_seconds=seconds, num_params=num_params,
                         config={**config.to_dict(), "workers": replicas.world_size},
-                        history=history)
+                        history=history, model=model.eval())
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -302,6 +302,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
             member.save(out)
             final["device_seconds"] = float(member.device_seconds)
             final.update({k: float(v) for k, v in member.metrics.items()})
+            if config.get("shift"):
+                from nestune.platform.shift import store_member_shift
+
+                cuda = device.type == "cuda"
+                final["shift_seconds"] = store_member_shift(
+                    member.model, data, out, config["shift"], device,
+                    amp=cuda and bool(member.config.get("amp")),
+                    channels_last=cuda and bool(member.config.get("channels_last")))
     else:
         raise ValueError(f"job.kind: expected 'member' or 'search', got {job.get('kind')!r}")
     if replicas.rank == 0:
@@ -323,6 +331,7 @@ def run_job_distributed(
     train_defaults: Mapping[str, Any] | None = None,
     report_defaults: Mapping[str, Any] | None = None,
     storage_path: str | None = None,
+    shift: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a search or member job data-parallel on ``workers`` Ray Train workers.
 
@@ -345,12 +354,16 @@ def run_job_distributed(
             ``{"val_nll": nan}``, must be in every result a trial reports).
         storage_path: where Ray Train persists the run (absolute path or URI; shared storage
             on a multi-node cluster). Default: a fresh local temporary directory.
+        shift: a member job's dataset-shift options (:func:`nestune.platform.shift.shift_options`):
+            rank 0 also predicts the corrupted copies, returned as ``shifted``.
 
     Returns:
         For a search job, the dict ``run_search`` returns (``kind``, ``method``, ``genotype``,
         ``device_seconds``, ``extra``, ``arrays``). For a member job, ``kind``, ``genotype``,
         ``val_probs``, ``test_probs``, ``metrics``, ``device_seconds``, ``num_params`` and the
-        ``MemberResult`` as ``member``. ``device_seconds`` is summed over the workers.
+        ``MemberResult`` as ``member`` (without its model), and ``shifted``: the shifted
+        predictions by split (``{"test": {(name, severity): probs}, ...}``; empty without
+        ``shift``). ``device_seconds`` is summed over the workers.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -396,6 +409,7 @@ def run_job_distributed(
             "search_defaults": dict(search_defaults or {}),
             "train_defaults": dict(train_defaults or {}),
             "report_defaults": dict(report_defaults or {}),
+            "shift": dict(shift) if shift else None,
         },
         scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=bool(use_gpu),
                                      resources_per_worker=resources),
@@ -424,9 +438,11 @@ def _read_result(kind: str, checkpoint: Any) -> dict[str, Any]:
             out["arrays"] = arrays
             out["kind"] = "search"
             return out
+        from nestune.platform.shift import load_shifted
         from nestune.platform.training import MemberResult
 
         member = MemberResult.load(d)
+        shifted = {split: load_shifted(d, split) for split in ("test", "val")}
     return {
         "kind": "member",
         "genotype": member.genotype.to_json(),
@@ -436,4 +452,5 @@ def _read_result(kind: str, checkpoint: Any) -> dict[str, Any]:
         "device_seconds": float(member.device_seconds),
         "num_params": int(member.num_params),
         "member": member,
+        "shifted": {split: probs for split, probs in shifted.items() if probs},
     }

@@ -451,9 +451,9 @@ def write_report(
     else:
         md.append(f"No member of this study stored predictions on corrupted test data "
                   f"({SH.SHIFT_FILE} next to its test_probs.npy), so its ensembles cannot be "
-                  "scored under shift without retraining. A member stores them when, after "
-                  "training, `nestune.platform.shift.store_shifted(model, data, directory)` runs "
-                  "on it.\n")
+                  "scored under shift without retraining. Run the study with `shift=True` (or "
+                  "a `[shift]` table in its study file) and every member stores them as it "
+                  "finishes.\n")
 
     # ---- EdgeNES
     lam = _shared_edges(members)

@@ -708,7 +708,8 @@ def execute_job(job: Mapping[str, Any], env: Mapping[str, Any], out_dir: str | o
     """Run one job in this process and store its outputs in ``out_dir``; return its metrics.
 
     A member job trains ``job["genotype"]`` with the study's training settings, overridden by
-    any TrainConfig field the job carries (and by ``job["train"]``); a search job runs
+    any TrainConfig field the job carries (and by ``job["train"]``), and with ``env["shift"]``
+    also stores its predictions on corrupted test (and validation) data; a search job runs
     ``run_search`` with the study's search defaults under the job's own keys.
     """
     import torch
@@ -733,7 +734,19 @@ def execute_job(job: Mapping[str, Any], env: Mapping[str, Any], out_dir: str | o
         if "seed" not in job:
             raise ValueError("job.seed: a member job needs a seed")
         member = train_member(job["genotype"], data, config, seed=job["seed"], device=device)
-        return _store_member(member, out)
+        metrics = _store_member(member, out)
+        if env.get("shift"):
+            from nestune.platform.shift import store_member_shift
+
+            cuda = device == "cuda"
+            # Scoring under shift is measurement, the same for every strategy: its seconds are
+            # reported beside the member's device-seconds, not in them, so budgets stay as
+            # they are with shift off.
+            metrics["shift_seconds"] = store_member_shift(
+                member.model, data, out, env["shift"], device,
+                amp=cuda and bool(member.config.get("amp")),
+                channels_last=cuda and bool(member.config.get("channels_last")))
+        return metrics
     from nestune.platform.search import run_search
 
     merged = {**(env.get("search") or {}), **job}
@@ -775,8 +788,13 @@ def _execute_distributed(job: Mapping[str, Any], env: Mapping[str, Any], out: Pa
         train_defaults=env.get("train") or {},
         report_defaults={METRIC: float("nan")},
         storage_path=env.get("train_storage_path"),
+        shift=env.get("shift") if job["kind"] == "member" else None,
     )
     if job["kind"] == "member":
+        from nestune.platform.shift import save_shifted
+
+        for split, probs in (result.get("shifted") or {}).items():
+            save_shifted(out, probs, split)
         return _store_member(result["member"], out)
     return _store_search(result, out)
 

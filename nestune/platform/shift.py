@@ -43,6 +43,7 @@ corruption and severity does not depend on which others were computed first.
 
 from __future__ import annotations
 
+import json
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,6 +74,8 @@ __all__ = [
     "save_shifted",
     "load_shifted",
     "store_shifted",
+    "shift_options",
+    "store_member_shift",
     "shift_metrics",
     "forward_select_shifted",
     "severity_summary",
@@ -412,6 +415,125 @@ def store_shifted(
                               subset=val_subset, sets=val_sets, **predict_kwargs)
         paths.append(save_shifted(directory, val, "val"))
     return paths
+
+
+#: The fields of a study's ``shift`` setting (see :func:`shift_options`).
+SHIFT_OPTIONS = ("corruptions", "severities", "subset", "val", "val_corruptions", "val_subset", "seed")
+
+# Corrupted copies kept in a trial process for its later members, up to this many bytes
+# (CIFAR-10's whole test split under 7 corruptions x 5 severities would be 4.3 GB).
+_SET_CACHE_BYTES = 512 * 2**20
+_SET_CACHE: dict[str, dict[tuple[str, int], Split]] = {}
+
+
+def _names(value: Any, field: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{field}: expected a non-empty list of corruptions from "
+                         f"{', '.join(CORRUPTIONS)}, got {value!r}")
+    names = list(value)
+    for i, name in enumerate(names):
+        if name not in CORRUPTIONS:
+            raise ValueError(f"{field}[{i}]: expected one of {', '.join(CORRUPTIONS)}, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: expected distinct corruptions, got {names}")
+    return names
+
+
+def _count(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{field}: expected none or an int >= 1 (images per corrupted copy), "
+                         f"got {value!r}")
+    return int(value)
+
+
+def shift_options(value: Any, field: str = "shift") -> dict[str, Any] | None:
+    """A study's ``shift`` setting, checked and completed; ``None`` when shift is off.
+
+    ``True`` means every corruption of :data:`CORRUPTIONS` at severities 1..5 on the whole test
+    split, plus the same on the validation split for NES-style selection. A dict may set:
+
+    - ``corruptions``: which corruptions the test split is scored on (default all seven);
+    - ``severities``: of 1..5 (default all; severity 0 is the clean split, stored anyway);
+    - ``subset``: score only the first N test images of each corrupted copy (default all);
+    - ``val``: also predict the corrupted validation split, so the report can run ForwardSelect
+      on shifted validation data as NES does (default true);
+    - ``val_corruptions`` / ``val_subset``: for that validation copy (default: as the test's;
+      NES selects on corruptions it does not test on: give a disjoint list to do the same);
+    - ``seed``: of the corruption noise (default 0), the same for every member so that all are
+      scored on the same images.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{field}: expected true, false or a table of {', '.join(SHIFT_OPTIONS)}, "
+                         f"got {value!r}")
+    unknown = sorted(set(value) - set(SHIFT_OPTIONS))
+    if unknown:
+        raise ValueError(f"{field}.{unknown[0]}: unknown field (known: {', '.join(SHIFT_OPTIONS)})")
+    corruptions = _names(value.get("corruptions", SHIFT_DEFAULT), f"{field}.corruptions")
+    severities = value.get("severities", SEVERITIES)
+    if isinstance(severities, str) or not isinstance(severities, Sequence) or not severities or any(
+        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 5 for v in severities
+    ) or len(set(severities)) != len(severities):
+        raise ValueError(f"{field}.severities: expected a non-empty list of distinct ints in 1..5, "
+                         f"got {severities!r}")
+    subset = _count(value.get("subset"), f"{field}.subset")
+    val = value.get("val", True)
+    if not isinstance(val, bool):
+        raise ValueError(f"{field}.val: expected true or false, got {val!r}")
+    val_corruptions = _names(value.get("val_corruptions", corruptions), f"{field}.val_corruptions")
+    val_subset = _count(value.get("val_subset", subset), f"{field}.val_subset")
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{field}.seed: expected an int >= 0, got {seed!r}")
+    return {"corruptions": corruptions, "severities": sorted(int(v) for v in severities),
+            "subset": subset, "val": val, "val_corruptions": val_corruptions if val else None,
+            "val_subset": val_subset if val else None, "seed": int(seed)}
+
+
+def _cached_sets(data: DataBundle, names: list[str], severities: list[int], seed: int, split: str,
+                 subset: int | None) -> dict[tuple[str, int], Split] | None:
+    src = _split_of(data, split)
+    n = min(subset or len(src), len(src))
+    nbytes = n * src.x[0].numel() * 4 * len(names) * len(severities)
+    key = json.dumps([data.name, data.source, data.cache_file, len(src), names, severities, seed,
+                      split, n])
+    if key in _SET_CACHE:
+        return _SET_CACHE[key]
+    if nbytes > _SET_CACHE_BYTES:
+        return None
+    used = sum(s.x.numel() * 4 for sets in _SET_CACHE.values() for s in sets.values())
+    while _SET_CACHE and used + nbytes > _SET_CACHE_BYTES:
+        dropped = _SET_CACHE.pop(next(iter(_SET_CACHE)))
+        used -= sum(s.x.numel() * 4 for s in dropped.values())
+    _SET_CACHE[key] = shifted_sets(data, names, severities, seed, split=split, subset=subset)
+    return _SET_CACHE[key]
+
+
+def store_member_shift(model: torch.nn.Module, data: DataBundle, directory: str | Path,
+                       options: Mapping[str, Any], device: str | torch.device = "cpu",
+                       **predict_kwargs: Any) -> float:
+    """Store a trained member's shifted predictions as a study's ``shift`` options (from
+    :func:`shift_options`) ask, next to its other outputs in ``directory``; returns the
+    seconds it took. The corrupted copies are kept for the process's next member while they
+    fit in 512 MiB."""
+    import time
+
+    start = time.perf_counter()
+    o = dict(options)
+    sev = list(o["severities"])
+    sets = _cached_sets(data, o["corruptions"], sev, o["seed"], "test", o["subset"])
+    val_sets = None
+    if o.get("val"):
+        val_sets = _cached_sets(data, o["val_corruptions"], sev, o["seed"], "val", o["val_subset"])
+    store_shifted(model, data, directory, device, o["corruptions"], sev, o["seed"], subset=o["subset"],
+                  val_corruptions=o["val_corruptions"] if o.get("val") else None,
+                  val_subset=o.get("val_subset"), sets=sets, val_sets=val_sets, **predict_kwargs)
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -59,7 +59,7 @@ RESOURCE_KEYS = ("cpu", "gpu", "memory", "workers")
 STUDY_FIELDS = (
     "name", "data", "strategies", "seeds", "budget", "ensemble_size", "train", "search",
     "resources", "tracking_uri", "storage_path", "output_dir", "data_options", "ray_address",
-    "max_concurrent", "num_cpus", "verbose",
+    "max_concurrent", "num_cpus", "verbose", "shift",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -256,6 +256,12 @@ class Study:
             in this process).
         num_cpus: CPUs of an in-process Ray (default ``os.cpu_count()``).
         verbose: print one progress line per finished job.
+        shift: score members under dataset shift: ``True``, or a dict of
+            :func:`nestune.platform.shift.shift_options` (``corruptions``, ``severities``,
+            ``subset``, ``val``, ...). Each member then also stores its predictions on the
+            corrupted test (and validation) splits, and the report scores every ensemble on
+            them. Default off. Its seconds are reported per trial (``shift_seconds``) and are
+            not charged to the budget.
     """
 
     def __init__(
@@ -277,6 +283,7 @@ class Study:
         max_concurrent: int | None = None,
         num_cpus: int | None = None,
         verbose: bool = True,
+        shift: bool | Mapping[str, Any] | None = None,
     ) -> None:
         from nestune.platform.data import DATASETS
         from nestune.platform.training import TrainConfig
@@ -356,6 +363,9 @@ class Study:
         if not isinstance(verbose, bool):
             raise ValueError(f"verbose: expected a bool, got {verbose!r}")
         self.verbose = verbose
+        from nestune.platform.shift import shift_options
+
+        self.shift = shift_options(shift)
 
     # ---------------------------------------------------------------- study files
 
@@ -455,6 +465,7 @@ class Study:
             "train": self.train.to_dict(),
             "search": self.search,
             "resources": self.resources,
+            "shift": self.shift,
             "output_dir": str(self.output_dir),
             "storage_path": self.storage_path,
             "tracking_uri": self.tracking_uri,
@@ -561,6 +572,7 @@ class _RunRecord:
             "search": study.search,
             # Where the Ray Train runs of data-parallel jobs persist (shared on a cluster).
             "train_storage_path": f"{study.storage_path.rstrip('/')}/train",
+            "shift": study.shift,
             **study.resources,
         }
         self.searcher = StrategySearcher(
@@ -823,6 +835,7 @@ class _RunRecord:
                 "val_error": m.get("val_error", math.nan),
                 "test_nll": m.get("test_nll", math.nan),
                 "test_error": m.get("test_error", math.nan),
+                "shift_seconds": m.get("shift_seconds", math.nan),
                 "path": e.get("path"),
                 "node_id": e.get("node_id"),
                 "hostname": e.get("hostname"),

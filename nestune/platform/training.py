@@ -139,6 +139,7 @@ class MemberResult:
     num_params: int
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     _FILES = ("genotype.json", "metrics.json", "member.json", "val_probs.npy", "test_probs.npy")
 
@@ -366,4 +367,5 @@ def _train(
         num_params=num_params,
         config=config.to_dict(),
         history=history,
+        model=model.eval(),
     )

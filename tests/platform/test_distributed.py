@@ -92,6 +92,27 @@ def gloo_group():
 
 
 @pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
+@pytest.mark.ray
+def test_data_parallel_member_job_stores_its_shifted_predictions(ray_local, tmp_path):
+    """A member job on 2 workers with the study's shift options: rank 0 predicts the corrupted
+    copies with the trained network and they come back with the member."""
+    from nestune.platform.distributed import run_job_distributed
+    from nestune.platform.shift import shift_options
+
+    torch.set_num_threads(1)
+    genotype = SPACE.sample(np.random.default_rng(5))
+    job = {"kind": "member", "genotype": genotype.to_json(), "seed": 2, "epochs": 1, "C": 4,
+           "layers": 3, "batch_size": 32}
+    shift = shift_options({"corruptions": ["contrast"], "severities": [2, 4], "subset": 20})
+    result = run_job_distributed(job, DATA, workers=2, use_gpu=False,
+                                 storage_path=str(tmp_path / "train"), shift=shift)
+    assert result["member"].val_probs.shape[1] == 10
+    for split, n in (("test", 20), ("val", 20)):
+        probs = result["shifted"][split]
+        assert sorted(probs) == [("contrast", 2), ("contrast", 4)]
+        assert all(p.shape == (n, 10) and p.dtype == np.float16 for p in probs.values())
+
+
 def test_replicated_member_training_matches_train_member(gloo_group):
     """With one worker the data-parallel recipe (DDP, sharded batches, all-reduced losses) is
     train_member's recipe: same seed, same probabilities."""

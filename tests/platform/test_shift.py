@@ -244,3 +244,44 @@ def test_the_validation_copy_has_its_own_noise(digits):
     assert float((t_noise - v_noise).abs().mean()) > 0.05
     again = S.shifted_split(digits, "gaussian_noise", 5, seed=0, split="val", subset=50)
     assert torch.equal(v.x, again.x)
+
+
+def test_shift_options_complete_and_name_bad_fields():
+    full = S.shift_options(True)
+    assert full["corruptions"] == list(S.CORRUPTIONS) and full["severities"] == [1, 2, 3, 4, 5]
+    assert full["val"] and full["val_corruptions"] == full["corruptions"] and full["subset"] is None
+    assert S.shift_options(None) is None and S.shift_options(False) is None
+    some = S.shift_options({"corruptions": ["jpeg"], "severities": [5, 1], "subset": 50, "val": False})
+    assert some == {"corruptions": ["jpeg"], "severities": [1, 5], "subset": 50, "val": False,
+                    "val_corruptions": None, "val_subset": None, "seed": 0}
+    nes = S.shift_options({"corruptions": ["jpeg"], "val_corruptions": ["contrast"], "val_subset": 9})
+    assert nes["val_corruptions"] == ["contrast"] and nes["val_subset"] == 9
+    for bad, field in [("all", "shift"), ({"corruptions": []}, "shift.corruptions"),
+                       ({"corruptions": ["jpeg", "jpeg"]}, "shift.corruptions"),
+                       ({"corruptions": ["fog"]}, r"shift.corruptions\[0\]"),
+                       ({"severities": [6]}, "shift.severities"),
+                       ({"severities": [True]}, "shift.severities"),
+                       ({"subset": 0}, "shift.subset"), ({"val": "yes"}, "shift.val"),
+                       ({"seed": -1}, "shift.seed"), ({"sev": [1]}, "shift.sev")]:
+        with pytest.raises(ValueError, match=field):
+            S.shift_options(bad)
+
+
+def test_store_member_shift_reuses_the_corrupted_copies(digits, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    options = S.shift_options({"corruptions": ["gaussian_noise"], "severities": [3], "subset": 30})
+    S._SET_CACHE.clear()
+    assert S.store_member_shift(model, digits, tmp_path / "a", options) > 0
+    assert len(S._SET_CACHE) == 2  # the test and the validation copies
+    cached = {k: id(v) for k, v in S._SET_CACHE.items()}
+    S.store_member_shift(model, digits, tmp_path / "b", options)
+    assert {k: id(v) for k, v in S._SET_CACHE.items()} == cached
+    for split in ("test", "val"):
+        a, b = S.load_shifted(tmp_path / "a", split), S.load_shifted(tmp_path / "b", split)
+        assert list(a) == [("gaussian_noise", 3)]
+        np.testing.assert_array_equal(a[("gaussian_noise", 3)], b[("gaussian_noise", 3)])
+    # The same images as predict_shifted makes on its own, from the same seed.
+    ref = S.predict_shifted(model, digits, "cpu", ["gaussian_noise"], [3], seed=0, subset=30)
+    np.testing.assert_array_equal(S.load_shifted(tmp_path / "a")[("gaussian_noise", 3)],
+                                  ref[("gaussian_noise", 3)])

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.ray
 
 TINY = {"epochs": 1, "C": 4, "layers": 2, "batch_size": 64}
 DATA = {"subset": 400}
+# Two corruptions at two severities on 100 test (and validation) images: enough to check the
+# shift path end to end for the price of a few extra forward passes per member.
+SHIFT = {"corruptions": ["gaussian_noise", "jpeg"], "severities": [1, 5], "subset": 100}
 
 
 @register("test_study_mutants")
@@ -92,6 +95,7 @@ def _study(out: Path, budget: int, **kw):
 
     kw.setdefault("strategies", ["random", ("test_study_mutants", {"keep_best": True})])
     kw.setdefault("train", TINY)
+    kw.setdefault("shift", SHIFT)
     return Study("tiny", data="digits", seeds=[0], budget=budget, ensemble_size=2,
                  data_options=DATA, output_dir=out, verbose=False, **kw)
 
@@ -132,6 +136,17 @@ def test_table_curves_and_members(base):
         assert p.dtype == np.float16 and p.shape == (len(result.labels("test")), 10)
         assert Path(path).is_relative_to(out / "ray")  # in Ray's storage, as the checkpoint
     assert len(result.labels("val")) == 80
+    # Every member also stored its predictions on the corrupted test and validation copies.
+    from nestune.platform.shift import load_shifted
+
+    for path in members.path:
+        for split in ("test", "val"):
+            shifted = load_shifted(path, split)
+            assert sorted(shifted) == [("gaussian_noise", 1), ("gaussian_noise", 5), ("jpeg", 1),
+                                       ("jpeg", 5)]
+            n = 100 if split == "test" else 80
+            assert all(p.shape == (n, 10) and p.dtype == np.float16 for p in shifted.values())
+    assert (members.shift_seconds > 0).all()
     # The user strategy's first job (seed 1) trained DARTS_V2, as it asked.
     mine = members[(members.strategy == "test_study_mutants") & (members.job_seed == 1)]
     assert len(mine) == 1 and Genotype.from_json(mine.iloc[0].genotype) == DARTS_V2
@@ -168,6 +183,23 @@ def test_mlflow_runs_params_metrics_artifacts(base):
     assert len(ens["members"]) == 2 and all(Genotype.from_dict(m["genotype"]) for m in ens["members"])
     child = children.iloc[0].run_id
     assert [a.path for a in client.list_artifacts(child)] == ["genotype.json"]
+
+
+def test_the_report_scores_the_study_under_shift(base):
+    import pandas as pd
+
+    from nestune.platform.report import write_report
+
+    out, _ = base
+    text = write_report(out, log_mlflow=False).read_text()
+    shift = pd.read_csv(out / "report" / "shift.csv")
+    # The study's own ensembles and NES-style selection on the shifted validation split.
+    assert set(shift.selection) == {"val", "shifted_val"}
+    assert set(shift.strategy) == {"random", "test_study_mutants"}
+    assert set(zip(shift.corruption, shift.severity, strict=True)) >= {("gaussian_noise", 5), ("jpeg", 1)}
+    assert shift[["nll", "error", "ece"]].notna().all().all()
+    assert "![" in text.split("## Dataset shift")[1].split("\n## ")[0]
+    assert (out / "report" / "shift.png").stat().st_size > 10_000
 
 
 def test_resume_trains_only_what_is_new(base):
@@ -232,6 +264,11 @@ def test_arguments_are_validated(tmp_path):
         ({"max_concurrent": 0}, "max_concurrent"),
         ({"tracking_uri": ""}, "tracking_uri"),
         ({"verbose": "yes"}, "verbose"),
+        ({"shift": "yes"}, "shift"),
+        ({"shift": {"corruptions": ["fog"]}}, r"shift.corruptions\[0\]"),
+        ({"shift": {"severities": [0, 1]}}, "shift.severities"),
+        ({"shift": {"subset": 0}}, "shift.subset"),
+        ({"shift": {"noise": 1}}, "shift.noise"),
     ]
     for kw, field_name in cases:
         args = {"name": "ok", "output_dir": tmp_path, **kw}
