@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 # which the searcher's metric/mode switch on, never fails a study over a search job.
 METRIC = "val_nll"
 STATE_VERSION = 1
+# What run_job reported, stored with the job's outputs, so that a job whose report the driver
+# never saw (the run stopped in between) can be recorded from its checkpoint alone.
+REPORT_FILE = "report.json"
 _MAX_ASKS_PER_SUGGEST = 1000
 
 
@@ -279,6 +282,8 @@ class StrategySearcher(Searcher):
         state_path: where the state is written after every event (``None``: nowhere).
         download_dir: where outputs stored on a remote filesystem are copied to.
         listeners: ``fn(searcher, entry, outputs)`` called after each newly finished job.
+        storage_path: the Tune runs' storage (a path or a bucket URI): where a job that was
+            in flight when an earlier run stopped is looked for before it is run again.
     """
 
     def __init__(
@@ -292,6 +297,7 @@ class StrategySearcher(Searcher):
         state_path: str | os.PathLike | None = None,
         download_dir: str | os.PathLike | None = None,
         listeners: Iterable[Listener] = (),
+        storage_path: str | None = None,
         metric: str = METRIC,
         mode: str = "min",
     ) -> None:
@@ -310,11 +316,16 @@ class StrategySearcher(Searcher):
         self.state_path = Path(state_path) if state_path is not None else None
         self.download_dir = Path(download_dir) if download_dir is not None else None
         self.listeners: list[Listener] = list(listeners)
+        self.storage_path = str(storage_path) if storage_path is not None else None
         self.session = 1
         self.strategy.setup(context)
 
         self._live: dict[str, dict[str, Any]] = {}  # trial_id -> job (in flight)
-        self._requeue: list[dict[str, Any]] = []  # jobs in flight when a run stopped
+        # Jobs in flight when a run stopped, each with the [trial_id, experiment path] pairs it
+        # ran as: its trial may have stored its outputs before the driver heard of them.
+        self._requeue: list[tuple[dict[str, Any], list[list[str | None]]]] = []
+        self._live_tried: dict[str, list[list[str | None]]] = {}  # trial_id -> earlier tries
+        self._started: dict[str, float] = {}  # trial_id -> when it first started (wall clock)
         self._told: Counter[str] = Counter()  # job key -> results told to the strategy
         self._finished = False
         self.finish_reason: str | None = None
@@ -366,8 +377,11 @@ class StrategySearcher(Searcher):
                 live_members = sum(1 for j in self._live.values() if j["kind"] == "member")
                 if members + live_members >= self.budget.members:
                     return None  # in-flight members may use up the budget; wait for them
+            tried: list[list[str | None]] = []
             if self._requeue:
-                job = self._requeue.pop(0)
+                job, tried = self._requeue.pop(0)
+                if self._recover(job, tried):
+                    continue
             else:
                 try:
                     asked = self.strategy.ask()
@@ -391,6 +405,8 @@ class StrategySearcher(Searcher):
             if self._serve_from_ledger(job, key):
                 continue
             self._live[trial_id] = job
+            if tried:
+                self._live_tried[trial_id] = tried
             self._save_state()
             return {"job": job, "env": self.env}
         return self._finish("strategy asked for too many jobs in a row that needed no trial")
@@ -399,16 +415,40 @@ class StrategySearcher(Searcher):
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         job = self._live.pop(trial_id, None)
+        tried = self._live_tried.pop(trial_id, [])
         if job is None:
             return
         if not error and (result is None or not ({"kind", "member_dir", "error"} & set(result))):
-            # Stopped before the job reported (the run was interrupted, or the trial removed
-            # before it ran; run_job always reports "kind"): it is still to be done.
-            self._requeue.append(job)
+            # Stopped before the driver saw the job's report (the run was interrupted, or the
+            # trial removed before it ran; run_job always reports "kind"): still to be done,
+            # unless its trial stored its outputs first (see _recover).
+            self._requeue.append((job, [*tried, [trial_id, self.experiment_path]]))
             self._save_state()
             return
         result = dict(result or {})
-        entry: dict[str, Any] = {
+        entry = self._entry(job, trial_id, result)
+        outputs: dict[str, Any] = {}
+        if error:
+            entry["error"] = self._trial_error_text(trial_id)
+            started = self._started.get(trial_id)
+            if started is not None:
+                # A crashed trial's process reported nothing: the wall time since it first
+                # started (its retries included) is what it cost the budget.
+                entry["device_seconds"] = max(entry["device_seconds"], time.time() - started)
+        elif result.get("error"):
+            entry["error"] = str(result["error"])
+        else:
+            try:
+                path = self._outputs_dir(trial_id, result)
+                outputs = load_outputs(path, job["kind"])
+                entry["path"] = str(path)
+                entry["ok"] = True
+            except Exception as e:  # a checkpoint that cannot be read is a failed job
+                entry["error"] = f"reading the trial's stored outputs failed: {type(e).__name__}: {e}"
+        self._record(job, entry, outputs)
+
+    def _entry(self, job: dict[str, Any], trial_id: str, result: Mapping[str, Any]) -> dict[str, Any]:
+        return {
             "key": job_key(job),
             "job": job,
             "trial_id": trial_id,
@@ -424,19 +464,9 @@ class StrategySearcher(Searcher):
             "session": self.session,
             "experiment": self.experiment_path,
         }
-        outputs: dict[str, Any] = {}
-        if error:
-            entry["error"] = self._trial_error_text(trial_id)
-        elif result.get("error"):
-            entry["error"] = str(result["error"])
-        else:
-            try:
-                path = self._outputs_dir(trial_id, result)
-                outputs = load_outputs(path, job["kind"])
-                entry["path"] = str(path)
-                entry["ok"] = True
-            except Exception as e:  # a checkpoint that cannot be read is a failed job
-                entry["error"] = f"reading the trial's stored outputs failed: {type(e).__name__}: {e}"
+
+    def _record(self, job: dict[str, Any], entry: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """A finished (or failed) job: into the ledger, told to the strategy, to the listeners."""
         self.ledger.append(entry)
         self._tell(job, self._result_for_strategy(entry, outputs))
         self._save_state()
@@ -444,7 +474,74 @@ class StrategySearcher(Searcher):
             try:
                 fn(self, entry, outputs)
             except Exception:
-                log.exception("%s: listener %r failed on trial %s", self.label, fn, trial_id)
+                log.exception("%s: listener %r failed on trial %s", self.label, fn,
+                              entry.get("trial_id"))
+
+    def _recover(self, job: dict[str, Any], tried: list[list[str | None]]) -> bool:
+        """Record a job that was in flight when an earlier run stopped, from the outputs one of
+        its trials stored, if any did. A trial persists its checkpoint before the driver
+        processes its report, so a run stopped in between leaves a finished member that the
+        ledger does not know; without this it would be trained again."""
+        key = job_key(job)
+        for trial_id, experiment in reversed(tried):
+            if not trial_id or not experiment:
+                continue
+            try:
+                found = self._stored_checkpoint(experiment, trial_id, key)
+            except Exception as e:
+                log.warning("%s: looking for the stored outputs of trial %s failed (%s)",
+                            self.label, trial_id, e)
+                continue
+            if found is None:
+                continue
+            path, report = found
+            try:
+                outputs = load_outputs(path, job["kind"])
+            except Exception as e:
+                log.warning("%s: stored outputs of trial %s unreadable (%s); running it again",
+                            self.label, trial_id, e)
+                continue
+            entry = self._entry(job, trial_id, report)
+            entry.update(ok=True, path=str(path), experiment=experiment, recovered=True)
+            log.info("%s: job of interrupted trial %s recovered from storage", self.label, trial_id)
+            self._record(job, entry, outputs)
+            return True
+        return False
+
+    def _stored_checkpoint(self, experiment: str, trial_id: str,
+                           key: str) -> tuple[Path, dict[str, Any]] | None:
+        """The local directory of the checkpoint ``trial_id`` stored for the job ``key`` under
+        ``experiment`` (copied here from remote storage) and the metrics it reported; ``None``
+        when it stored none (or only part of one)."""
+        import pyarrow.fs
+
+        fs = self._experiment_fs or self._storage_filesystem()
+        trial_dir = f"{experiment.rstrip('/')}/{trial_dirname_for(trial_id)}"
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+        names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_")), reverse=True)
+        for name in names:
+            ckpt = tune.Checkpoint(f"{trial_dir}/{name}", filesystem=fs)
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                local = Path(ckpt.path)
+            else:
+                target = (self.download_dir or Path(tempfile.mkdtemp(prefix="nestune-dl-"))) / trial_id
+                if target.exists():
+                    shutil.rmtree(target)
+                local = Path(ckpt.to_directory(str(target)))
+            if not (local / "job.json").is_file() or (local / "job.json").read_text() != key:
+                continue
+            if not (local / REPORT_FILE).is_file():
+                continue  # a checkpoint stored only in part (the caller's load checks the rest)
+            return local, json.loads((local / REPORT_FILE).read_text())
+        return None
+
+    def _storage_filesystem(self) -> Any:
+        import pyarrow.fs
+
+        if self.storage_path and "://" in self.storage_path:
+            return pyarrow.fs.FileSystem.from_uri(self.storage_path)[0]
+        return pyarrow.fs.LocalFileSystem()
 
     def save(self, checkpoint_path: str) -> None:
         tmp = f"{checkpoint_path}.tmp-{os.getpid()}"
@@ -466,8 +563,12 @@ class StrategySearcher(Searcher):
             "seed": self.context.seed,
             "ensemble_size": self.context.ensemble_size,
             "strategy_state": self.strategy.state_dict(),
-            # Jobs in flight are not finished: a later run issues them again.
-            "pending": [*self._requeue, *self._live.values()],
+            # Jobs in flight are not finished: a later run recovers their stored outputs or
+            # issues them again.
+            "pending": [*(job for job, _ in self._requeue), *self._live.values()],
+            "pending_tried": [*(tried for _, tried in self._requeue),
+                              *([*self._live_tried.get(tid, []), [tid, self.experiment_path]]
+                                for tid in self._live)],
             "told": dict(self._told),
             "session": self.session,
         }
@@ -484,10 +585,13 @@ class StrategySearcher(Searcher):
                 f"{mine[2]}; use a new study name or output_dir to run a changed study"
             )
         self.strategy.load_state_dict(state["strategy_state"])
-        self._requeue = [dict(j) for j in state.get("pending", [])]
+        pending = state.get("pending", [])
+        tried = state.get("pending_tried") or [[] for _ in pending]
+        self._requeue = [(dict(j), [list(t) for t in ts]) for j, ts in zip(pending, tried, strict=True)]
         self._told = Counter(state.get("told", {}))
         self.session = int(state.get("session", 1)) + 1
         self._live = {}
+        self._live_tried = {}
         self._finished = False
 
     # -------------------------------------------------------------- Tune callback
@@ -641,6 +745,7 @@ class _SearcherCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.searcher._trials[trial.trial_id] = trial
+        self.searcher._started.setdefault(trial.trial_id, time.time())
         if self.searcher.experiment_path is None:
             storage = getattr(trial, "storage", None)
             if storage is not None:
@@ -828,6 +933,7 @@ def run_job(config: dict[str, Any]) -> None:
         metrics.update(execute_job(job, env, out))
         (Path(out) / "trial.json").write_text(json.dumps(
             {"node_id": metrics["node_id"], "hostname": metrics["hostname"], "pid": os.getpid()}))
+        (Path(out) / REPORT_FILE).write_text(json.dumps(metrics, default=_json_default))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
     except Exception as e:
         metrics["error"] = f"{type(e).__name__}: {e}"

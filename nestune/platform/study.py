@@ -579,7 +579,7 @@ class _RunRecord:
             spec.instance(), context, study.budget, env=env, ledger=self.ledger,
             state_path=self.state_dir / "searcher.pkl",
             download_dir=study.output_dir / "members" / f"{spec.label}-s{seed}",
-            listeners=[self._on_entry],
+            listeners=[self._on_entry], storage_path=study.storage_path,
         )
         state = self.state_dir / "searcher.pkl"
         if state.exists():

@@ -221,6 +221,39 @@ def test_finished_jobs_asked_again_are_served_from_the_ledger(tmp_path):
     assert s2.totals() == (1, 1.0, 0)
 
 
+def test_a_job_stored_by_a_stopped_trial_is_recovered_not_rerun(tmp_path):
+    s = _searcher(tmp_path, budget=3)
+    s.experiment_path = str(tmp_path / "exp-r1")  # as the Tune callback sets it
+    s.suggest("t1"), s.suggest("t2")
+    _done(s, tmp_path, "t1")
+    # The run stops: t2 had stored its checkpoint, but the driver never saw its report.
+    job = s._live["t2"]
+    ckpt = Path(_outputs(tmp_path, job["i"]))
+    (ckpt / "job.json").write_text(job_key(job))
+    (ckpt / "report.json").write_text(json.dumps({"kind": "member", "val_nll": 0.7,
+                                                  "device_seconds": 2.5}))
+    stored = tmp_path / "exp-r1" / "t2" / "checkpoint_000000"
+    stored.parent.mkdir(parents=True)
+    ckpt.rename(stored)
+    s.on_trial_complete("t2")  # Tune ends the trial without a result
+    s2 = _searcher(tmp_path, budget=3)
+    s2.restore(str(tmp_path / "searcher.pkl"))
+    assert s2.suggest("u1")["job"]["i"] == 2  # job 1 came from storage, no trial for it
+    entry = Ledger(tmp_path / "ledger.jsonl").entries[-1]
+    assert (entry["trial_id"], entry["ok"], entry["recovered"]) == ("t2", True, True)
+    assert entry["device_seconds"] == 2.5 and entry["path"] == str(stored)
+    assert s2.strategy.told[-1][0] == 1 and s2.totals() == (2, 3.5, 0)
+    # A checkpoint of another job, or one stored in part, is not taken for it.
+    s3 = _searcher(tmp_path / "b", budget=3)
+    s3.experiment_path = str(tmp_path / "b" / "exp")
+    s3.suggest("v1")
+    part = tmp_path / "b" / "exp" / "v1" / "checkpoint_000000"
+    part.mkdir(parents=True)
+    (part / "job.json").write_text(job_key(s3._live["v1"]))  # no report.json: partial
+    s3.on_trial_complete("v1")
+    assert s3.suggest("v2")["job"]["i"] == 0  # issued again
+
+
 def test_stopped_before_running_is_requeued(tmp_path):
     s = _searcher(tmp_path, budget=3)
     s.suggest("t1")
@@ -299,6 +332,9 @@ def test_real_tune_run_with_fake_trainable(ray_local, tmp_path):
     assert (members, failed) == (3, 1)
     told = {i: (err, probs) for i, err, probs in s.strategy.told}
     assert "fake crash in trial" in told[1][0]
+    # The crashed trial reported nothing; its wall time still counts as spent.
+    crashed = [e for e, _ in seen if not e["ok"]]
+    assert len(crashed) == 1 and crashed[0]["device_seconds"] > 0
     ok = [e for e, _ in seen if e["ok"]]
     # Probabilities came back from the checkpoints Tune persisted under storage_path.
     assert all(e["path"].startswith(str(tmp_path / "ray" / "fake")) for e in ok)

@@ -106,6 +106,14 @@ def base(ray_local, tmp_path_factory):
     return out, _study(out, 4).run()
 
 
+def _trainings(out: Path):
+    """How many times each job was trained, over every Tune run of the study (a trial's
+    checkpoint holds the job it ran as job.json)."""
+    from collections import Counter
+
+    return Counter(p.read_text() for p in (out / "ray").glob("*/*/checkpoint_*/job.json"))
+
+
 def _runs(out: Path, name: str = "tiny"):
     import mlflow
 
@@ -216,6 +224,7 @@ def test_resume_trains_only_what_is_new(base):
     new = result.members[~result.members.trial_id.isin(before["test_study_mutants"])
                          & (result.members.strategy == "test_study_mutants")]
     assert list(new.job_seed) == [5]
+    assert max(_trainings(out).values()) == 1  # no job was trained twice
     runs = _runs(out)
     assert (runs["tags.nestune.role"] == "parent").sum() == 2  # the parents continued
     assert (runs["tags.nestune.role"] == "trial").sum() == 10
@@ -226,6 +235,44 @@ def test_resume_trains_only_what_is_new(base):
     third = _study(out, 5).run()
     assert third.members.trial_id.tolist() == result.members.trial_id.tolist()
     assert not (out / "ray" / "random-s0-r3").exists()
+
+
+def test_a_study_stopped_with_a_trial_in_flight_resumes_without_retraining(
+    ray_local, tmp_path, monkeypatch
+):
+    import signal
+    import time
+
+    from nestune.platform import study as study_module
+    from nestune.platform.study import StudyInterrupted
+
+    out = tmp_path / "stopped"
+    on_entry = study_module._RunRecord._on_entry
+    in_flight: list[str] = []
+
+    def stop_after_two(self, searcher, entry, outputs):
+        on_entry(self, searcher, entry, outputs)
+        if searcher.totals()[0] == 2 and not in_flight:
+            # Ctrl-C once the trial still in flight has stored its outputs, before the driver
+            # hears of them: the case a resume must not train again.
+            in_flight.extend(searcher._live)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(
+                    list((out / "ray").glob(f"*/{t}/checkpoint_*/report.json")) for t in in_flight):
+                time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(study_module._RunRecord, "_on_entry", stop_after_two)
+    with pytest.raises(StudyInterrupted):
+        _study(out, 4, strategies=["random"], shift=None, max_concurrent=2).run()
+    assert len(in_flight) == 1
+    monkeypatch.setattr(study_module._RunRecord, "_on_entry", on_entry)
+    result = _study(out, 4, strategies=["random"], shift=None, max_concurrent=2).run()
+    assert list(result.table().members) == [4] and len(result.curves) == 4
+    assert set(result.members.member_id) == {0, 1, 2, 3}  # the in-flight job, not a new ask
+    assert in_flight[0] in set(result.members.trial_id)  # recorded from the stopped run
+    assert max(_trainings(out).values()) == 1 and sum(_trainings(out).values()) == 4
+    assert len(list((out / "ray" / "random-s0-r2").glob("*/checkpoint_*"))) == 1
 
 
 def test_a_crashed_trial_does_not_lose_the_study(ray_local, tmp_path):
