@@ -214,6 +214,9 @@ def write_report(
     out = Path(result.output_dir)
     rdir = out / REPORT_DIR
     rdir.mkdir(parents=True, exist_ok=True)
+    # A rerun must not leave plots or tables of an earlier report next to the new ones.
+    for stale in [*rdir.glob("*.png"), *rdir.glob("*.csv")]:
+        stale.unlink()
     settings = _settings(result)
     name = _name(result)
     notes: list[str] = []

@@ -228,8 +228,10 @@ def test_one_seed_and_no_shift_still_report(tmp_path):
     assert "One seed per strategy: no p-values" in text and "seed noise" in text
     assert not (out / "report" / "pvalues.csv").exists()
     assert not (out / "report" / "shift.png").exists()
-    # a second run overwrites in place
+    # a second run overwrites in place and leaves nothing of the first behind
+    (out / "report" / "shift.png").write_bytes(b"old")
     assert write_report(out, log_mlflow=False) == path
+    assert not (out / "report" / "shift.png").exists()
 
 
 def test_not_a_study(tmp_path):
