@@ -1,10 +1,12 @@
 """A study on a simulated two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and one
 worker node, one CPU each). Trials land on both nodes (each trial reports its node id), and
-their outputs come back to the driver through the shared ``storage_path``."""
+their outputs come back to the driver through the shared ``storage_path``. The cluster outlives
+the study, as a user's would: the study must leave no placement group or CPU held on it."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,20 @@ def test_study_spreads_over_two_nodes(cluster, tmp_path):
     for path in members.path:
         assert Path(path).is_relative_to(shared / "cluster")
         assert np.load(Path(path) / "val_probs.npy").dtype == np.float16
+
+    # A placement group Tune left behind would hold a CPU of the user's cluster for good.
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            groups = ray.util.placement_group_table()
+            held = {g["placement_group_id"]: g["state"] for g in groups.values()
+                    if g["state"] != "REMOVED"}
+            free = ray.available_resources().get("CPU", 0.0)
+            if (not held and free == 2.0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert not held, f"placement groups left on the cluster: {held}"
+        assert free == 2.0, ray.available_resources()
+    finally:
+        ray.shutdown()
