@@ -189,6 +189,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not db.is_file():
         raise ValueError(f"STUDY_DIR: {study_dir} has no mlflow.db (was it tracked elsewhere? "
                          "see its study.json)")
+    if args.port and not _port_free(args.host, args.port):
+        # Checked here: mlflow server itself exits with a traceback (and code 0) on a busy port.
+        raise ValueError(f"--port: {args.host}:{args.port} is already in use; give another "
+                         "(--port 0 picks a free one)")
     server = MlflowServer(f"sqlite:///{db}", artifacts_destination=study_dir / "mlartifacts",
                           host=args.host, port=args.port, workers=1, quiet=not args.verbose)
     # Set explicitly: a shell that starts us in the background leaves SIGINT ignored.
@@ -204,6 +208,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the server will: a port left in TIME_WAIT by an earlier server counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -238,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("study_dir", nargs="?", default=None,
                    help="study folder (default: the only study under ./nestune_runs)")
     u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=int, default=5000, help="default 5000; 0 picks a free port")
     u.add_argument("--verbose", action="store_true", help="show the server's own log")
     u.set_defaults(fn=cmd_ui)
     return p

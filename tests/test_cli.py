@@ -137,3 +137,15 @@ def _alive(p) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_ui_on_a_busy_port_names_the_port(tmp_path, capsys):
+    import socket
+
+    (tmp_path / "mlflow.db").touch()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["ui", str(tmp_path), "--port", str(port)]) == 2
+    assert f"--port: 127.0.0.1:{port} is already in use" in capsys.readouterr().err
