@@ -141,7 +141,14 @@ class TPE(Strategy):
             constant_liar=True,
             seed=int(self.rng.integers(_SEED_HIGH)),
         )
-        self._study = optuna.create_study(direction="minimize", sampler=sampler)
+        # Optuna announces every in-memory study at INFO on its own stderr handler; in a study's
+        # progress output that line is noise. The user's own Optuna verbosity is left as it was.
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+        try:
+            self._study = optuna.create_study(direction="minimize", sampler=sampler)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     @property
     def study(self) -> optuna.Study:

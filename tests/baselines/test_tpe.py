@@ -156,3 +156,20 @@ def test_restored_strategy_continues_as_the_uninterrupted_one():
     assert [(t.params, t.value, t.state) for t in a.study.trials] == [
         (t.params, t.value, t.state) for t in b.study.trials
     ]
+
+
+def test_setup_is_quiet_and_leaves_optuna_verbosity_alone():
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna")
+    logger.addHandler(handler)
+    before = optuna.logging.get_verbosity()
+    try:
+        make(seed=5)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "A new study created" in r.getMessage()]
+    assert optuna.logging.get_verbosity() == before
