@@ -26,7 +26,10 @@ lines 1-2; every later ask runs lines 4-6 on the population *as it stands at tha
 (only members whose results are in), and returns ``"wait"`` only while that population is
 still empty. A result joins the population when it arrives (line 7) and the oldest arrival
 leaves once the population exceeds P (line 8). A failed member never joins the population;
-the population then fills back up to P with later children. Line 3's budget is the study's
+a failed random initial member is replaced by another random one (lines 1-2 ask for P
+*trained* random members; without the replacement, a study whose P initial members all
+failed would wait forever on an empty population), while a failed child is simply lost, as
+in regularized evolution. Line 3's budget is the study's
 (the runner stops asking; ``max_members`` can end it sooner), and line 9 is
 :meth:`Strategy.select` over the pool, which the runner keeps.
 
@@ -178,6 +181,8 @@ class NesRE(Strategy):
             }
         )
         if not ok:
+            if mine.get("parent_id") is None:
+                self._initial_asked -= 1  # lines 1-2: the next ask samples a random member again
             return  # a failed member never joins the population
         self._trained += 1
         self._population.append(  # lines 2, 7

@@ -182,6 +182,24 @@ def test_failed_members_stay_out_of_the_population_and_evolution_goes_on():
     assert {k for k, v in statuses.items() if v == "failed"} == failed
 
 
+def test_failed_initial_members_are_replaced_by_random_ones():
+    P = 4
+    # Sequentially: the first P members that train are all random, though two initial ones fail.
+    d = Driver(make(seed=5, population=P, candidates=2), fail=lambda job: job["member_id"] in (0, 2))
+    d.run_until(P)
+    assert [j.get("parent_id") for j, r in d.told if "error" not in r] == [None] * P
+    assert len(d.told) == P + 2
+    # Every initial member failing does not leave the strategy waiting on an empty population.
+    s = make(seed=6, population=P, candidates=2)
+    first = [s.ask() for _ in range(P)]
+    assert s.ask() == WAIT
+    for job in first:
+        s.tell(job, {"error": "CUDA out of memory"})
+    again = s.ask()
+    assert isinstance(again, dict) and "parent_id" not in again
+    assert again["member_id"] == P
+
+
 def test_a_member_with_non_finite_probabilities_counts_as_failed():
     s = make(population=2, candidates=1)
     a, b = s.ask(), s.ask()
@@ -190,6 +208,7 @@ def test_a_member_with_non_finite_probabilities_counts_as_failed():
     s.tell(a, bad)
     s.tell(b, fake_result(b))
     assert s.population_ids == [b["member_id"]]
+    assert "parent_id" not in s.ask()  # the failed initial member's random replacement
     assert s.ask()["parent_id"] == b["member_id"]
     with pytest.raises(ValueError, match=r"val_probs.*expected shape"):
         c = s.ask()
