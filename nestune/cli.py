@@ -158,21 +158,19 @@ def _study_dir(spec: str | None) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    study_dir = _study_dir(args.study)
-    try:
-        from nestune.platform.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is None:
-        # The report module (table, curves, significance) ships separately; until it is
-        # there, show the stored table.
-        from nestune.platform.study import StudyResult
+    from nestune.platform.report import write_report
 
-        result = StudyResult.load(study_dir)
-        print("nestune.platform.report is not available; the study's table:")
-        _print_table(result)
-        return 0
-    path = write_report(study_dir)
+    study_dir = _study_dir(args.study)
+    horizon: Any = args.horizon
+    if horizon not in ("longest", "shortest"):
+        try:
+            horizon = float(horizon)
+        except ValueError:
+            raise ValueError(f"--horizon: expected 'longest', 'shortest' or device-hours, "
+                             f"got {args.horizon!r}") from None
+    paired = {"auto": "auto", "yes": True, "no": False}[args.paired]
+    path = write_report(study_dir, paired=paired, horizon=horizon, shift_select=args.shift_select,
+                        log_mlflow=not args.no_mlflow)
     print(f"Report: {path}")
     return 0
 
@@ -249,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write the study's report (table, curves, significance)")
     rep.add_argument("study", help="study folder, study name under ./nestune_runs, or study file")
+    rep.add_argument("--horizon", default="longest",
+                     help="end of the common AUC window: 'longest' (default: the longest run's "
+                     "final cost, earlier runs holding their final ensemble), 'shortest', or "
+                     "device-hours")
+    rep.add_argument("--paired", choices=("auto", "yes", "no"), default="auto",
+                     help="p-values by the paired t-test over shared seeds (yes), Welch's (no), or "
+                     "paired where two strategies ran the same seeds (auto, default)")
+    rep.add_argument("--shift-select", choices=("val", "shifted_val"), default="val",
+                     help="ensembles shown under shift: the study's own (val) or ForwardSelect on "
+                     "the shifted validation split, as in NES (shifted_val)")
+    rep.add_argument("--no-mlflow", action="store_true",
+                     help="do not log the report to a study-level MLflow run")
     rep.set_defaults(fn=cmd_report)
 
     u = sub.add_parser("ui", help="serve MLflow's UI for a study's store on 127.0.0.1")

@@ -83,17 +83,22 @@ def _fake_results(out: Path) -> None:
                 {"val": np.zeros(3), "test": np.zeros(4)}, {"name": "fake"}).save()
 
 
-def test_report_calls_the_report_module_when_there(tmp_path, monkeypatch, capsys):
+def test_report_passes_its_flags_to_the_report_module(tmp_path, monkeypatch, capsys):
     _fake_results(tmp_path)
     calls = []
     fake = types.ModuleType("nestune.platform.report")
-    fake.write_report = lambda d: calls.append(Path(d)) or Path(d) / "report.html"
+    fake.write_report = lambda d, **kw: calls.append((Path(d), kw)) or Path(d) / "report.md"
     monkeypatch.setitem(sys.modules, "nestune.platform.report", fake)
     assert cli.main(["report", str(tmp_path)]) == 0
-    assert calls == [tmp_path.resolve()] and "report.html" in capsys.readouterr().out
-    monkeypatch.setitem(sys.modules, "nestune.platform.report", None)  # not importable
-    assert cli.main(["report", str(tmp_path)]) == 0
-    assert "random" in capsys.readouterr().out
+    assert calls[-1] == (tmp_path.resolve(), {"paired": "auto", "horizon": "longest",
+                                              "shift_select": "val", "log_mlflow": True})
+    assert "report.md" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path), "--horizon", "0.5", "--paired", "no",
+                     "--shift-select", "shifted_val", "--no-mlflow"]) == 0
+    assert calls[-1][1] == {"paired": False, "horizon": 0.5, "shift_select": "shifted_val",
+                            "log_mlflow": False}
+    assert cli.main(["report", str(tmp_path), "--horizon", "soon"]) == 2
+    assert "--horizon" in capsys.readouterr().err
 
 
 def test_ui_serves_the_store_and_stops_its_process_group(tmp_path):
