@@ -11,24 +11,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The quickstart study: every registered strategy on digits, one seed, the same small budget,
-# small networks, local Ray. runs/quickstart.toml is the same study as a study file.
+# The quickstart study: every registered strategy on digits, two seeds (so the report has
+# p-values), the same small budget, small networks, members scored under dataset shift on 150
+# images per corrupted copy, local Ray. runs/quickstart.toml is the same study as a file.
 QUICKSTART: dict[str, Any] = {
     "name": "quickstart",
     "data": "digits",
-    "seeds": [0],
-    "budget": {"members": 6},
+    "seeds": [0, 1],
+    "budget": {"members": 4},
     "ensemble_size": 3,
     "train": {"epochs": 4, "C": 8, "layers": 3, "batch_size": 64},
     "resources": {"cpu": 1, "gpu": 0},
+    "shift": {"subset": 150},
 }
 # Small settings of the strategies we know; other registered strategies get their defaults
 # with every search shrunk (see quickstart_hparams).
 QUICKSTART_HPARAMS: dict[str, dict[str, Any]] = {
     "random": {},
-    "nes_re": {"population": 3, "candidates": 2},
+    "nes_re": {"population": 2, "candidates": 2},
     "deep_ens": {},
-    "tpe": {"startup_trials": 3},
+    "tpe": {"startup_trials": 2},
     "darts_ens": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
     "darts": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
     "xnas": {"search_epochs": 2, "search_C": 4, "search_layers": 3},
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="compare every registered strategy on digits (minutes)")
     q.add_argument("--output-dir", default=None, help="study folder (default ./nestune_runs/quickstart)")
-    q.add_argument("--budget", type=int, default=None, help="members per strategy (default 6)")
+    q.add_argument("--budget", type=int, default=None, help="members per strategy (default 4)")
     q.add_argument("--strategies", default=None, help="comma-separated subset to run")
     q.set_defaults(fn=cmd_quickstart)
 

@@ -27,7 +27,7 @@ def test_quickstart_file_is_the_quickstart_study(tmp_path):
     base = Study(**{k: v for k, v in cli.QUICKSTART.items()}, strategies=cli.quickstart_strategies(),
                  output_dir=tmp_path)
     mine, theirs = study.settings(), base.settings()
-    for key in ("name", "data", "seeds", "budget", "ensemble_size", "train", "resources"):
+    for key in ("name", "data", "seeds", "budget", "ensemble_size", "train", "resources", "shift"):
         assert mine[key] == theirs[key], key
     in_file = {s["label"]: s["hparams"] for s in mine["strategies"]}
     in_cli = {s["label"]: s["hparams"] for s in theirs["strategies"]}
