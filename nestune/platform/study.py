@@ -739,8 +739,11 @@ class _RunRecord:
             self._add(entry, outputs, seconds, log_it=True)
         if self.parent_id is not None:
             try:
+                from nestune.platform.tracking import search_curves
+
                 self.tracker.log_trial(self.parent_id, entry, label=self.spec.label, seed=self.seed,
-                                       genotype=outputs.get("genotype"))
+                                       genotype=outputs.get("genotype"),
+                                       curves=search_curves(outputs.get("extra")))
             except Exception:
                 log.exception("%s: MLflow logging of trial %s failed", self.spec.label,
                               entry.get("trial_id"))

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,8 +223,11 @@ class Tracker:
         label: str,
         seed: int,
         genotype: str | None = None,
+        curves: Mapping[str, Sequence[float]] | None = None,
     ) -> str:
-        """A child run for one finished (or failed) job, from its ledger entry."""
+        """A child run for one finished (or failed) job, from its ledger entry; ``curves``
+        (a search's per-epoch series, see :func:`search_curves`) are logged as metric
+        histories with ``step`` = epoch, so MLflow charts them."""
         job = entry.get("job") if isinstance(entry.get("job"), Mapping) else {"job": entry.get("job")}
         kind = entry.get("kind") or "job"
         trial_id = entry.get("trial_id") or "none"
@@ -255,6 +259,14 @@ class Tracker:
         metrics = {k: v for k, v in (entry.get("metrics") or {}).items() if k != "time_total_s"}
         metrics["device_seconds"] = float(entry.get("device_seconds") or 0.0)
         self._log(run_id, params=flatten_params(params), metrics=metrics, step=0)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        series = [Metric(f"epoch/{name}", float(v), now, epoch)
+                  for name, values in (curves or {}).items()
+                  for epoch, v in enumerate(values, start=1) if v == v]
+        for chunk in _chunks(series, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
         geno = genotype or job.get("genotype")
         if geno:
             try:
@@ -296,6 +308,31 @@ class Tracker:
             self.client.log_batch(run_id, tags=chunk)
         for chunk in _chunks(m, 1000):
             self.client.log_batch(run_id, metrics=chunk)
+
+
+def search_curves(extra: Mapping[str, Any] | None) -> dict[str, list[float]]:
+    """A search result's per-epoch series, as MLflow metric histories: every numeric list in
+    ``extra["history"]`` (losses, step and epoch seconds, learning rate, EdgeNES' C, t and
+    Spearman ρ), and from XNAS' ``extra["wipeout"]`` the ops left and computed per cell, so a
+    search's log shows ops being wiped out while its step time falls."""
+    out: dict[str, list[float]] = {}
+    if not isinstance(extra, Mapping):
+        return out
+    history = extra.get("history")
+    if isinstance(history, Mapping):
+        for name, values in history.items():
+            if (isinstance(values, list) and values
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                out[str(name)] = [float(v) for v in values]
+    wipeout = extra.get("wipeout")
+    if isinstance(wipeout, list) and wipeout and all(isinstance(e, Mapping) for e in wipeout):
+        for key in ("ops_remaining", "ops_computed"):
+            cells = [e.get(key) for e in wipeout]
+            if all(isinstance(c, Mapping) for c in cells):
+                for cell in cells[0]:
+                    out[f"{key}_{cell}"] = [float(c.get(cell, math.nan)) for c in cells]
+        out["ops_wiped"] = [float(len(e.get("removed") or ())) for e in wipeout]
+    return out
 
 
 # ------------------------------------------------------------------------------------ server

@@ -194,6 +194,29 @@ def test_search_wipes_ops_out_and_logs_the_speedup(search, caplog):
                                for e in log])
 
 
+def test_the_wipeout_log_reaches_mlflow_as_epoch_curves(search, tmp_path):
+    """What a study logs for an XNAS search trial: ops left per cell, ops wiped and step time
+    per epoch, as metric histories of the trial's MLflow run."""
+    from nestune.platform.tracking import Tracker, search_curves
+
+    curves = search_curves(json.loads(json.dumps(search.extra)))  # as stored in search.json
+    log = search.extra["wipeout"]
+    assert curves["ops_remaining_normal"] == [float(e["ops_remaining"]["normal"]) for e in log]
+    assert curves["ops_wiped"] == [float(len(e["removed"])) for e in log]
+    assert curves["step_seconds"] == search.extra["step_seconds"] and "arch_loss" in curves
+    assert "weights" not in curves and "genotype" not in curves  # not numeric series
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "xnas-curves")
+    parent = tracker.start_parent("xnas", 0, {})
+    entry = {"kind": "search", "trial_id": "t1", "ok": True, "job": {"kind": "search", "method": "xnas"},
+             "metrics": {"speedup": search.extra["speedup"]}, "device_seconds": 1.0}
+    child = tracker.log_trial(parent, entry, label="xnas", seed=0, genotype=search.genotype.to_json(),
+                              curves=curves)
+    history = tracker.client.get_metric_history(child, "epoch/ops_remaining_normal")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(
+        enumerate(curves["ops_remaining_normal"], start=1))
+    assert len(tracker.client.get_metric_history(child, "epoch/step_seconds")) == 3
+
+
 def test_wiped_out_ops_are_not_computed(search):
     model = SPACE.supernet(C=4, layers=3, num_classes=10, in_channels=1)
     calls = []
