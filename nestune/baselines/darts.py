@@ -526,7 +526,7 @@ def darts_job(job: dict[str, Any], data: DataBundle, device: str | torch.device 
     return result.to_job_result()
 
 
-@register_search("darts")
+@register_search("darts", settings=DARTS_DEFAULTS)
 def _darts_search_job(job: dict[str, Any], data: DataBundle, device: str) -> dict[str, Any]:
     return darts_job(job, data, device)
 

@@ -413,7 +413,7 @@ def xnas_job(job: dict[str, Any], data: DataBundle, device: str | torch.device =
     return result.to_job_result()
 
 
-@register_search("xnas")
+@register_search("xnas", settings=XNAS_DEFAULTS)
 def _xnas_search_job(job: dict[str, Any], data: DataBundle, device: str) -> dict[str, Any]:
     return xnas_job(job, data, device)
 

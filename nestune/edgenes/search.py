@@ -72,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nestune.baselines.darts import space_from_job
 from nestune.edgenes.hypernet import (
     Hypernet,
     derive_at,
@@ -82,7 +83,7 @@ from nestune.edgenes.hypernet import (
 from nestune.platform.data import DataBundle, DeviceBatches, Split
 from nestune.platform.search import register_search
 from nestune.platform.strategy import check_fields
-from nestune.search_spaces.darts import PRIMITIVES, DartsSpace, Genotype
+from nestune.search_spaces.darts import DartsSpace, Genotype
 
 __all__ = [
     "EdgeNESConfig",
@@ -552,16 +553,6 @@ def edgenes_search(
     )
 
 
-def _space_of(job: dict[str, Any]) -> DartsSpace:
-    nodes = job.get("nodes", 4)
-    ops = job.get("ops", PRIMITIVES)
-    if isinstance(ops, str) or not isinstance(ops, (list, tuple)):
-        raise ValueError(f"search job.ops: expected a list of op names, got {ops!r}")
-    if isinstance(nodes, bool) or not isinstance(nodes, int):
-        raise ValueError(f"search job.nodes: expected an int, got {nodes!r}")
-    return DartsSpace(nodes=nodes, ops=tuple(ops))
-
-
 def edgenes_job(job: dict[str, Any], data: DataBundle, device: str | torch.device = "cpu",
                 progress: Progress | None = None) -> dict[str, Any]:
     """Run the search job ``{"kind": "search", "method": "edgenes", "alpha_star": <genotype>,
@@ -577,13 +568,14 @@ def edgenes_job(job: dict[str, Any], data: DataBundle, device: str | torch.devic
         raise ValueError(f"search job.plot_path: expected an absolute path (a trial's working "
                          f"directory is Ray's), got {plot_path!r}")
     result = edgenes_search(data, parse_genotype(job["alpha_star"]), EdgeNESConfig.from_job(job),
-                            seed=int(seed), device=device, space=_space_of(job), progress=progress)
+                            seed=int(seed), device=device, space=space_from_job(job), progress=progress)
     if plot_path:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
         Path(plot_path).write_bytes(result.plot_png)
     return result.to_job_result()
 
 
-@register_search("edgenes")
+@register_search("edgenes", settings=[f.name for f in dataclasses.fields(EdgeNESConfig)]
+                 + ["alpha_star", "plot_path"])
 def _edgenes_search_job(job: dict[str, Any], data: DataBundle, device: str) -> dict[str, Any]:
     return edgenes_job(job, data, device)

@@ -8,23 +8,43 @@ details (histories, logs) and ``arrays`` optional numpy arrays, stored with the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nestune.platform.data import DataBundle
 
 SearchFn = Callable[[dict[str, Any], DataBundle, str], dict[str, Any]]
 SEARCH_METHODS: dict[str, SearchFn] = {}
+#: The job keys each method reads as settings (a study's ``search`` defaults are checked
+#: against them, so a misspelt one is an error instead of a silently ignored key).
+SEARCH_SETTINGS: dict[str, frozenset[str]] = {}
+# Keys every method reads: its seed and the space.
+_COMMON = frozenset({"seed", "nodes", "ops"})
 
 
-def register_search(name: str) -> Callable[[SearchFn], SearchFn]:
-    """Function decorator: make a search method available to search jobs as ``name``."""
+def register_search(name: str, settings: Iterable[str] = ()) -> Callable[[SearchFn], SearchFn]:
+    """Function decorator: make a search method available to search jobs as ``name``;
+    ``settings`` are the job keys it reads besides ``seed``, ``nodes`` and ``ops``."""
 
     def deco(fn: SearchFn) -> SearchFn:
         SEARCH_METHODS[name] = fn
+        SEARCH_SETTINGS[name] = frozenset(settings) | _COMMON
         return fn
 
     return deco
+
+
+def check_search_defaults(search: Mapping[str, Any], field: str = "search") -> None:
+    """``ValueError`` naming the first key of a study's search defaults that no registered
+    method reads."""
+    from nestune.platform.strategy import _load_builtins
+
+    _load_builtins()
+    known = frozenset().union(*SEARCH_SETTINGS.values()) if SEARCH_SETTINGS else _COMMON
+    for key in search:
+        if key not in known:
+            raise ValueError(f"{field}.{key}: not a setting of any search method "
+                             f"(known: {', '.join(sorted(known))})")
 
 
 def run_search(job: dict[str, Any], data: DataBundle, device: str = "cpu") -> dict[str, Any]:

@@ -330,6 +330,9 @@ class Study:
         else:
             raise ValueError(f"train: expected a TrainConfig or a dict, got {train!r}")
         self.search = _json_dict(search, "search")
+        from nestune.platform.search import check_search_defaults
+
+        check_search_defaults(self.search)
         self.resources = _parse_resources(resources)
         if max_concurrent is not None and (not _is_int(max_concurrent) or max_concurrent < 1):
             raise ValueError(f"max_concurrent: expected None or an int >= 1, got {max_concurrent!r}")

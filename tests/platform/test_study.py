@@ -308,6 +308,7 @@ def test_arguments_are_validated(tmp_path):
         ({"data_options": {"val_fraction": 2}}, "data_options.val_fraction"),
         ({"data_options": {"colour": 1}}, "data_options.colour"),
         ({"search": {1: 2}}, "search"),
+        ({"search": {"epoch": 2}}, "search.epoch"),
         ({"max_concurrent": 0}, "max_concurrent"),
         ({"tracking_uri": ""}, "tracking_uri"),
         ({"verbose": "yes"}, "verbose"),
