@@ -66,7 +66,12 @@ class Strategy(ABC):
         self.rng = np.random.default_rng(0)
 
     def setup(self, context: StrategyContext) -> None:
-        """Bind the strategy to its study run; seeds the strategy's random generator."""
+        """Bind the strategy to its study run; seeds the strategy's random generator.
+
+        The generator is seeded by the study seed alone, not by the strategy: at the same seed,
+        strategies that start alike draw alike (random's first members are nes_re's initial
+        population, trained with the same seeds). These common random numbers are on purpose:
+        a comparison paired by seed then measures the strategies, not their luck."""
         self.context = context
         self.rng = np.random.default_rng(context.seed)
 

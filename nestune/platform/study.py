@@ -961,8 +961,8 @@ def _parse_strategies(strategies: Any) -> list[_Spec]:
             raise ValueError(f"{where}: label must be letters, digits, '_', '.' or '-', got {label!r}")
         if any(s.label == label for s in specs):
             raise ValueError(
-                f"{where}: strategy label {label!r} appears twice; give each a label with "
-                "(name, hparams, label)"
+                f"{where}: strategy label {label!r} appears twice; give each a label: "
+                "(name, hparams, label) in Python, label = \"...\" in a study file"
             )
         specs.append(_Spec(label, name, dict(hparams), proto))
     return specs
