@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward_select.py
+	$(BIN)/python bench/xnas_wipeout.py
 
 clean:
 	rm -rf $(VENV) nestune_runs
