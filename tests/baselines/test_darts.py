@@ -22,16 +22,6 @@ SPACE = DartsSpace()
 TINY = {"epochs": 1, "C": 4, "layers": 2, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: one thread per process avoids oversubscription,
-    # which slows small convolutions by an order of magnitude.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_data("digits", subset=160)

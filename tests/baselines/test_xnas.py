@@ -23,15 +23,6 @@ from nestune.search_spaces.darts import DartsSpace, Genotype
 SPACE = DartsSpace()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Shared cores: one thread per process avoids oversubscription (see test_darts.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- Algorithm 1, line by line ----------------------------------------------------------------
 
 
