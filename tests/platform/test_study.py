@@ -249,30 +249,41 @@ def test_a_study_stopped_with_a_trial_in_flight_resumes_without_retraining(
     out = tmp_path / "stopped"
     on_entry = study_module._RunRecord._on_entry
     in_flight: list[str] = []
+    done_at_stop: list[int] = []
 
-    def stop_after_two(self, searcher, entry, outputs):
+    def stop_once_a_trial_in_flight_has_stored(self, searcher, entry, outputs):
         on_entry(self, searcher, entry, outputs)
-        if searcher.totals()[0] == 2 and not in_flight:
-            # Ctrl-C once the trial still in flight has stored its outputs, before the driver
-            # hears of them: the case a resume must not train again.
-            in_flight.extend(searcher._live)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(
-                    list((out / "ray").glob(f"*/{t}/checkpoint_*/report.json")) for t in in_flight):
-                time.sleep(0.2)
+        if in_flight or searcher.totals()[0] < 2:
+            return
+        # Ctrl-C once a trial still in flight has stored its outputs, before the driver hears
+        # of them: the case a resume must not train again. The driver loop is held here, so a
+        # trial that had not started yet cannot store anything: then try at the next entry.
+        live = list(searcher._live)
+        deadline = time.monotonic() + 30
+        stored: list[str] = []
+        while time.monotonic() < deadline and not stored:
+            stored = [t for t in live if list((out / "ray").glob(f"*/{t}/checkpoint_*/report.json"))]
+            time.sleep(0.2)
+        if stored:
+            in_flight.extend(stored)
+            done_at_stop.append(searcher.totals()[0])
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(study_module._RunRecord, "_on_entry", stop_after_two)
+    budget = 6
+    monkeypatch.setattr(study_module._RunRecord, "_on_entry", stop_once_a_trial_in_flight_has_stored)
     with pytest.raises(StudyInterrupted):
-        _study(out, 4, strategies=["random"], shift=None, max_concurrent=2).run()
-    assert len(in_flight) == 1
+        _study(out, budget, strategies=["random"], shift=None, max_concurrent=2).run()
+    assert in_flight, "no trial was in flight with its outputs stored at any entry"
     monkeypatch.setattr(study_module._RunRecord, "_on_entry", on_entry)
-    result = _study(out, 4, strategies=["random"], shift=None, max_concurrent=2).run()
-    assert list(result.table().members) == [4] and len(result.curves) == 4
-    assert set(result.members.member_id) == {0, 1, 2, 3}  # the in-flight job, not a new ask
-    assert in_flight[0] in set(result.members.trial_id)  # recorded from the stopped run
-    assert max(_trainings(out).values()) == 1 and sum(_trainings(out).values()) == 4
-    assert len(list((out / "ray" / "random-s0-r2").glob("*/checkpoint_*"))) == 1
+    result = _study(out, budget, strategies=["random"], shift=None, max_concurrent=2).run()
+    assert list(result.table().members) == [budget] and len(result.curves) == budget
+    assert set(result.members.member_id) == set(range(budget))  # the in-flight job, not a new ask
+    assert set(in_flight) <= set(result.members.trial_id)  # recorded from the stopped run
+    assert max(_trainings(out).values()) == 1 and sum(_trainings(out).values()) == budget
+    # The second run trained only what the first had not: its trials include the recovered ones.
+    first = len(list((out / "ray" / "random-s0-r1").glob("*/checkpoint_*")))
+    second = len(list((out / "ray" / "random-s0-r2").glob("*/checkpoint_*")))
+    assert first >= done_at_stop[0] + len(in_flight) and first + second == budget
 
 
 def test_a_crashed_trial_does_not_lose_the_study(ray_local, tmp_path):
